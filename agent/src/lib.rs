@@ -1,1 +1,33 @@
-pub mod x {}
+//! The EKS Pod Identity Agent, with kernel attribution.
+//!
+//! A request follows the modules in this order:
+//!
+//! - [`listener`]: binds the credential endpoints, accepts connections, caps and limits them, and
+//!   drains them on shutdown.
+//! - [`http`]: routes and validates a request (`Host`, method, path, token), and is the one place
+//!   that turns errors into HTTP responses ([`http::error`]).
+//! - [`attribution`]: who is calling, from the kernel: the eBPF record of the connection
+//!   ([`ebpf`]), the caller's cgroup and pod ([`cgroup`]), token binding and per-pod limits.
+//! - [`token`]: the projected service-account token's claims, read but not verified.
+//! - [`credentials`]: the retriever trait, the EKS Auth client, and the cache that wraps it.
+//! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus.
+//!
+//! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness),
+//! [`shutdown`], and [`config`] (plain data, built by the command line in `main.rs`).
+
+pub mod attribution;
+pub mod audit;
+pub mod cgroup;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod ebpf;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod netlink;
+pub mod probes;
+pub mod server;
+pub mod shutdown;
+pub mod token;

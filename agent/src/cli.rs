@@ -1,0 +1,297 @@
+//! The command line: the original agent's subcommands and flags, with their defaults, plus the
+//! attribution flags. Parsing ends in plain [`crate::config`] values.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    AttributionConfig, AuditSink, CacheConfig, InitializeConfig, RateLimit, ServerConfig,
+    TokenBinding, UpstreamConfig,
+};
+
+/// The agent's address on IPv4, as in every pod's `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+pub const AGENT_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// The agent's address on IPv6 clusters.
+pub const AGENT_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
+
+#[derive(Debug, Parser)]
+#[command(name = "eks-pod-identity-agent", version, about = "Hands AWS credentials to Kubernetes pods, and knows which pod and process asked.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Put the agent's addresses on link pod-id-link0, with routes (idempotent).
+    Initialize(InitializeArgs),
+    /// Serve credentials to pods.
+    Server(Box<ServerArgs>),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args)]
+pub struct InitializeArgs {
+    /// Log level: 0 error … 4 trace, or a name (error, warn, info, debug, trace).
+    #[arg(short = 'v', long, default_value = "info", value_parser = parse_verbosity)]
+    pub verbosity: tracing::Level,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The EKS cluster this node belongs to.
+    #[arg(short = 'c', long)]
+    pub cluster_name: String,
+    /// Port of the credential endpoint.
+    #[arg(short = 'p', long, default_value_t = 80)]
+    pub port: u16,
+    /// Port of /healthz and /readyz on localhost.
+    #[arg(long, default_value_t = 2703)]
+    pub probe_port: u16,
+    /// Address of the metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub metrics_address: IpAddr,
+    /// Port of /metrics (and the probes).
+    #[arg(long, default_value_t = 2705)]
+    pub metrics_port: u16,
+    /// Addresses to serve credentials on (repeat the flag or separate with commas).
+    #[arg(short = 'b', long, value_delimiter = ',', default_values = ["169.254.170.23", "[fd00:ec2::23]"], value_parser = parse_bind_host)]
+    pub bind_hosts: Vec<IpAddr>,
+    /// Longest time cached credentials are served before they are renewed (0 disables caching).
+    #[arg(long, default_value = "3h", value_parser = parse_duration)]
+    pub max_credential_retention_before_renewal: Duration,
+    /// Most credentials cached (0 disables caching).
+    #[arg(long, default_value_t = 2000)]
+    pub max_cache_size: u64,
+    /// Background renewals per second towards EKS Auth.
+    #[arg(long, default_value_t = 3)]
+    pub max_service_qps: u32,
+    /// Re-read the agent's own shared credentials file so rotated keys are used without restart.
+    #[arg(long)]
+    pub rotate_credentials: bool,
+    /// EKS Auth endpoint URL instead of eks-auth.<region>.api.aws.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Log level: 0 error … 4 trace, or a name (error, warn, info, debug, trace).
+    #[arg(short = 'v', long, default_value = "info", value_parser = parse_verbosity)]
+    pub verbosity: tracing::Level,
+
+    /// cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 mount root].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Connections per second per pod, enforced in the kernel (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub pod_connect_rate: u32,
+    /// Burst of connections per pod above the rate.
+    #[arg(long, default_value_t = 50)]
+    pub pod_connect_burst: u32,
+    /// Credential requests per second per pod (0 = off); over it: 429 with Retry-After.
+    #[arg(long, default_value_t = 0)]
+    pub pod_request_rate: u32,
+    /// Burst of requests per pod above the rate.
+    #[arg(long, default_value_t = 20)]
+    pub pod_request_burst: u32,
+    /// Whether a token must come from the pod it names.
+    #[arg(long, value_enum, default_value_t = BindingArg::Audit)]
+    pub token_binding: BindingArg,
+    /// This node's name, compared with the token's node claim.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Audit log file, one JSON line per credential request ("-" for stdout).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// `--token-binding` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BindingArg {
+    Off,
+    Audit,
+    Enforce,
+}
+
+impl ServerArgs {
+    /// The configuration these flags describe.
+    pub fn into_config(self) -> ServerConfig {
+        ServerConfig {
+            cluster_name: self.cluster_name,
+            port: self.port,
+            probe_port: self.probe_port,
+            metrics_address: self.metrics_address,
+            metrics_port: self.metrics_port,
+            bind_hosts: self.bind_hosts,
+            cache: CacheConfig {
+                max_entries: self.max_cache_size,
+                max_retention: self.max_credential_retention_before_renewal,
+                renew_before_expiry: Duration::from_secs(70 * 60),
+                min_remaining: Duration::from_secs(15),
+                renewals_per_second: self.max_service_qps,
+                renewal_jitter: Duration::from_secs(5 * 60),
+                retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            },
+            upstream: UpstreamConfig {
+                endpoint: self.endpoint,
+                rotate_credentials: self.rotate_credentials,
+                connect_timeout: Duration::from_millis(300),
+                attempt_timeout: Duration::from_millis(400),
+                call_timeout: Duration::from_millis(900),
+                max_attempts: 3,
+            },
+            attribution: AttributionConfig {
+                cgroup_root: self.cgroup_root,
+                pod_connect: RateLimit {
+                    per_second: self.pod_connect_rate,
+                    burst: self.pod_connect_burst,
+                },
+                pod_request: RateLimit {
+                    per_second: self.pod_request_rate,
+                    burst: self.pod_request_burst,
+                },
+                token_binding: match self.token_binding {
+                    BindingArg::Off => TokenBinding::Off,
+                    BindingArg::Audit => TokenBinding::Audit,
+                    BindingArg::Enforce => TokenBinding::Enforce,
+                },
+                node_name: self.node_name.filter(|n| !n.is_empty()),
+                audit: self.audit_log.map(|p| {
+                    if p.as_os_str() == "-" {
+                        AuditSink::Stdout
+                    } else {
+                        AuditSink::File(p)
+                    }
+                }),
+                audit_queue: 4096,
+                namespace_label_limit: 100,
+            },
+            global_rate: RateLimit {
+                per_second: 1000,
+                burst: 500,
+            },
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl InitializeArgs {
+    /// The configuration of `initialize`: the original's link name and addresses.
+    pub fn into_config(self) -> InitializeConfig {
+        InitializeConfig {
+            link_name: "pod-id-link0".to_owned(),
+            ipv4: AGENT_IPV4,
+            ipv6: AGENT_IPV6,
+        }
+    }
+}
+
+/// `169.254.170.23`, `fd00:ec2::23` or `[fd00:ec2::23]`.
+pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse()
+        .map_err(|_| format!("{s:?} is not an IP address (IPv6 may be in brackets)"))
+}
+
+/// Go-style durations as the original takes them: `3h`, `90m`, `1h30m`, `45s`, `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3h or 90m: {e}"))
+}
+
+/// A level name, or the original's numbers (0 error, 1 warn, 2 info, 3 debug, 4 and up trace).
+pub fn parse_verbosity(s: &str) -> Result<tracing::Level, String> {
+    use tracing::Level;
+    match s.to_ascii_lowercase().as_str() {
+        "0" | "error" => Ok(Level::ERROR),
+        "1" | "warn" | "warning" => Ok(Level::WARN),
+        "2" | "info" => Ok(Level::INFO),
+        "3" | "debug" => Ok(Level::DEBUG),
+        "trace" => Ok(Level::TRACE),
+        n if n.parse::<u8>().is_ok_and(|n| n >= 4) => Ok(Level::TRACE),
+        _ => Err(format!("{s:?} is not a level (0-4, error, warn, info, debug, trace)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(args: &[&str]) -> Result<ServerConfig, clap::Error> {
+        let argv = ["eks-pod-identity-agent", "server"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Server(args) => Ok(args.into_config()),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_original_agent() {
+        let c = server(&["-c", "prod"]).unwrap();
+        assert_eq!(c.cluster_name, "prod");
+        assert_eq!(c.port, 80);
+        assert_eq!(c.probe_port, 2703);
+        assert_eq!(c.metrics_port, 2705);
+        assert_eq!(c.metrics_address, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(c.bind_hosts, vec![IpAddr::V4(AGENT_IPV4), IpAddr::V6(AGENT_IPV6)]);
+        assert_eq!(c.cache.max_retention, Duration::from_secs(3 * 3600));
+        assert_eq!(c.cache.max_entries, 2000);
+        assert_eq!(c.cache.renewals_per_second, 3);
+        assert!(c.cache.enabled());
+        assert_eq!(c.attribution.token_binding, TokenBinding::Audit);
+        assert_eq!(c.global_rate, RateLimit { per_second: 1000, burst: 500 });
+    }
+
+    #[test]
+    fn cluster_name_is_required() {
+        assert!(server(&[]).is_err());
+    }
+
+    #[test]
+    fn original_flag_spellings_parse() {
+        let c = server(&[
+            "--cluster-name", "c", "-p", "8080", "-b", "127.0.0.1", "-b", "[::1]",
+            "--max-credential-retention-before-renewal", "1h30m", "--max-cache-size", "0",
+            "--max-service-qps", "7", "--rotate-credentials", "--endpoint", "http://127.0.0.1:9",
+            "-v", "3",
+        ])
+        .unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.bind_hosts, vec![IpAddr::from([127, 0, 0, 1]), "::1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.cache.max_retention, Duration::from_secs(5400));
+        assert!(!c.cache.enabled());
+        assert_eq!(c.cache.renewals_per_second, 7);
+        assert!(c.upstream.rotate_credentials);
+        assert_eq!(c.upstream.endpoint.as_deref(), Some("http://127.0.0.1:9"));
+    }
+
+    #[test]
+    fn zero_retention_disables_the_cache() {
+        let c = server(&["-c", "x", "--max-credential-retention-before-renewal", "0"]).unwrap();
+        assert!(!c.cache.enabled());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let err = server(&["-c", "x", "-b", "not-an-ip"]).unwrap_err().to_string();
+        assert!(err.contains("not an IP address"), "{err}");
+        let err = server(&["-c", "x", "--max-credential-retention-before-renewal", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a duration"), "{err}");
+        assert!(server(&["-c", "x", "-v", "loud"]).is_err());
+    }
+
+    #[test]
+    fn audit_log_dash_means_stdout() {
+        let c = server(&["-c", "x", "--audit-log", "-", "--token-binding", "enforce"]).unwrap();
+        assert_eq!(c.attribution.audit, Some(AuditSink::Stdout));
+        assert_eq!(c.attribution.token_binding, TokenBinding::Enforce);
+    }
+}

@@ -1,0 +1,120 @@
+//! Credentials: what EKS Auth hands out, the [`Retriever`] seam, the EKS Auth client behind it
+//! ([`eks_auth`]) and the cache that wraps it ([`cache`]).
+
+pub mod cache;
+pub mod eks_auth;
+pub mod upstream_error;
+
+use std::fmt;
+use std::future::Future;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use upstream_error::{ErrorClass, UpstreamError};
+
+/// Temporary AWS credentials for one pod identity association.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub account_id: String,
+    pub expiration: SystemTime,
+}
+
+/// Never prints the secret key or the session token.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("account_id", &self.account_id)
+            .field("expiration", &humantime::format_rfc3339_seconds(self.expiration))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What EKS Auth said about the token besides the credentials: who it is and which role it got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Association {
+    pub namespace: String,
+    pub service_account: String,
+    pub role_arn: String,
+    pub association_id: String,
+}
+
+/// One answer from EKS Auth, with the response body the agent serves already rendered: the
+/// cached path sends these bytes as they are.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub credentials: Credentials,
+    pub association: Association,
+    pub body: Bytes,
+}
+
+impl Issued {
+    pub fn new(credentials: Credentials, association: Association) -> Issued {
+        let body = render_body(&credentials);
+        Issued {
+            credentials,
+            association,
+            body,
+        }
+    }
+}
+
+/// The body every SDK's container provider accepts: `Expiration` in UTC ending in `Z`, no `Code`.
+fn render_body(c: &Credentials) -> Bytes {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Body<'a> {
+        access_key_id: &'a str,
+        secret_access_key: &'a str,
+        token: &'a str,
+        account_id: &'a str,
+        expiration: String,
+    }
+    let body = Body {
+        access_key_id: &c.access_key_id,
+        secret_access_key: &c.secret_access_key,
+        token: &c.session_token,
+        account_id: &c.account_id,
+        expiration: humantime::format_rfc3339_seconds(c.expiration).to_string(),
+    };
+    // Serializing plain strings cannot fail.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Where credentials come from: EKS Auth in production, a stand-in in unit tests.
+pub trait Retriever: Send + Sync + 'static {
+    /// Exchanges a pod's token for credentials.
+    fn fetch(&self, token: &str) -> impl Future<Output = Result<Issued, UpstreamError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn body_is_what_the_sdks_accept() {
+        let c = Credentials {
+            access_key_id: "ASIA1".into(),
+            secret_access_key: "s3cr3t".into(),
+            session_token: "t0k".into(),
+            account_id: "111122223333".into(),
+            expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_629_600),
+        };
+        let issued = Issued::new(c.clone(), Association::default());
+        let v: serde_json::Value = serde_json::from_slice(&issued.body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "AccessKeyId": "ASIA1", "SecretAccessKey": "s3cr3t", "Token": "t0k",
+                "AccountId": "111122223333", "Expiration": "2026-11-25T18:00:00Z"
+            })
+        );
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cr3t") && !debug.contains("t0k"), "{debug}");
+    }
+}

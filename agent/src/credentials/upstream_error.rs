@@ -1,0 +1,82 @@
+//! EKS Auth's errors: which are permanent for a token and which are worth retrying.
+
+use std::fmt;
+
+/// Whether retrying the same token can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The token will never work (invalid, expired, denied, no association): stop trying it.
+    Permanent,
+    /// Throttling, server errors, timeouts, unreadable answers: try again later.
+    Transient,
+}
+
+/// An error from EKS Auth (or from reaching it), with the HTTP status the agent answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamError {
+    /// The upstream status; for failures without one, the status the agent answers with.
+    pub status: u16,
+    /// The error code, as EKS Auth names it (`InvalidTokenException`) or the agent (`Timeout`).
+    pub code: String,
+    pub message: String,
+}
+
+impl UpstreamError {
+    pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
+        UpstreamError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        classify(&self.code)
+    }
+}
+
+/// `(Code): message`, the plain-text body the agent answers with.
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}): {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// The codes EKS Auth documents as permanent for a token; everything else is transient.
+pub fn classify(code: &str) -> ErrorClass {
+    match code.strip_suffix("Exception").unwrap_or(code) {
+        "AccessDenied" | "ExpiredToken" | "InvalidParameter" | "InvalidRequest"
+        | "InvalidToken" | "ResourceNotFound" => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_and_transient_codes() {
+        for code in [
+            "AccessDeniedException", "ExpiredTokenException", "InvalidParameterException",
+            "InvalidRequestException", "InvalidTokenException", "ResourceNotFoundException",
+            "InvalidToken",
+        ] {
+            assert_eq!(classify(code), ErrorClass::Permanent, "{code}");
+        }
+        for code in [
+            "ThrottlingException", "InternalServerException", "ServiceUnavailableException",
+            "Timeout", "Unreachable", "BadResponse",
+        ] {
+            assert_eq!(classify(code), ErrorClass::Transient, "{code}");
+        }
+    }
+
+    #[test]
+    fn display_is_code_then_message() {
+        let e = UpstreamError::new(400, "InvalidTokenException", "bad signature");
+        assert_eq!(e.to_string(), "(InvalidTokenException): bad signature");
+    }
+}

@@ -1,0 +1,317 @@
+//! The credential endpoint, `GET /v1/credentials`, step by step.
+//!
+//! The order matters: cheap refusals first (route, `Host`, the node-wide limit), then the token
+//! (its claims come from the cache entry on a hit, so the hot path parses nothing), then the
+//! caller's binding and per-pod limit, and only then credentials — from the cache, or from one
+//! upstream call shared with concurrent requests for the same token.
+
+pub mod error;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::{HeaderValue, Method, Request, Response, header};
+use http_body_util::Full;
+
+use crate::attribution::{Attribution, Binding, Caller};
+use crate::audit::{self, AuditLog, AuditRecord, CallerRecord, TokenRecord};
+use crate::clock::Clock;
+use crate::config::RateLimit;
+use crate::credentials::cache::{CredentialCache, Lookup, Served};
+use crate::credentials::{ErrorClass, Issued, Retriever, UpstreamError};
+use crate::metrics::{Metrics, OTHER_NAMESPACE};
+use crate::token::{Claims, TokenError};
+pub use error::RequestError;
+
+/// The path every SDK's container provider is given.
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+
+/// What one request found out along the way, for metrics and the audit record.
+#[derive(Default)]
+struct Exchange {
+    claims: Option<Arc<Claims>>,
+    lookup: Option<Lookup>,
+    binding: Option<Binding>,
+    issued: Option<Arc<Issued>>,
+}
+
+/// The credential endpoint and everything it consults.
+pub struct Endpoint<R> {
+    cache: CredentialCache<R>,
+    hosts: Vec<IpAddr>,
+    global_limit: Option<DefaultDirectRateLimiter>,
+    attribution: Arc<Attribution>,
+    audit: Option<AuditLog>,
+    metrics: Metrics,
+    namespaces: NamespaceLabels,
+    clock: Clock,
+}
+
+impl<R: Retriever> Endpoint<R> {
+    /// `hosts` are the bind hosts: the only `Host` values accepted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cache: CredentialCache<R>,
+        hosts: Vec<IpAddr>,
+        global_rate: RateLimit,
+        attribution: Arc<Attribution>,
+        audit: Option<AuditLog>,
+        metrics: Metrics,
+        namespace_label_limit: usize,
+        clock: Clock,
+    ) -> Self {
+        let global_limit = std::num::NonZeroU32::new(global_rate.per_second).map(|rate| {
+            let burst = std::num::NonZeroU32::new(global_rate.burst).unwrap_or(rate);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        Endpoint {
+            cache,
+            hosts,
+            global_limit,
+            attribution,
+            audit,
+            metrics,
+            namespaces: NamespaceLabels::new(namespace_label_limit),
+            clock,
+        }
+    }
+
+    /// Answers one request from `caller`, and counts and audits it.
+    pub async fn handle<B>(&self, req: Request<B>, caller: &Caller) -> Response<Full<Bytes>> {
+        let started = tokio::time::Instant::now();
+        let mut exchange = Exchange::default();
+        let result = self.serve(&req, caller, &mut exchange).await;
+        let response = match &result {
+            Ok(body) => error::credentials(body.clone()),
+            Err(e) => e.to_response(),
+        };
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        self.metrics.http_response.with_label_values(&[status_label(status)]).inc();
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        if req.uri().path() == CREDENTIALS_PATH {
+            let namespace = exchange.claims.as_deref().and_then(Claims::namespace);
+            self.metrics
+                .requests_by_namespace
+                .with_label_values(&[&self.namespaces.label(namespace), status_label(status)])
+                .inc();
+            if let Some(binding) = &exchange.binding {
+                self.metrics.binding.with_label_values(&[binding.as_str()]).inc();
+            }
+            if let Err(e) = &result {
+                tracing::info!(peer = %caller.peer, status, reason = %e, "credential request refused");
+            }
+            if let Some(audit) = &self.audit {
+                audit.record(self.audit_record(&result, status, elapsed, caller, exchange));
+            }
+        }
+        response
+    }
+
+    async fn serve<B>(&self, req: &Request<B>, caller: &Caller, ex: &mut Exchange) -> Result<Bytes, RequestError> {
+        if req.uri().path() != CREDENTIALS_PATH {
+            return Err(RequestError::NotFound);
+        }
+        if req.method() != Method::GET {
+            return Err(RequestError::MethodNotAllowed);
+        }
+        if !self.host_allowed(req.headers().get(header::HOST)) {
+            return Err(RequestError::ForbiddenHost);
+        }
+        if self.global_limit.as_ref().is_some_and(|l| l.check().is_err()) {
+            return Err(RequestError::Throttled);
+        }
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenError::Missing)?;
+
+        // A cached token's claims were read when it was first seen.
+        let cached = self.cache.lookup(token).await;
+        let claims = match cached.as_ref().and_then(|s| s.entry.as_ref()) {
+            Some(entry) => entry.claims.clone(),
+            None => Arc::new(Claims::parse(token)?),
+        };
+        ex.claims = Some(claims.clone());
+        claims.check(self.clock.unix_now())?;
+
+        let binding = self.attribution.bind(&claims, caller);
+        let refused = self.attribution.refuses(&binding);
+        ex.binding = Some(binding.clone());
+        if refused {
+            let (Binding::Mismatch(reason) | Binding::Unattributed(reason)) = binding else {
+                return Err(RequestError::Binding(binding.as_str().to_owned()));
+            };
+            return Err(RequestError::Binding(reason));
+        }
+        self.attribution
+            .check_pod_rate(caller, &claims)
+            .map_err(|retry_after| RequestError::PodThrottled { retry_after })?;
+
+        let served = match cached {
+            Some(served) => served,
+            None => match self.cache.fetch(token, claims.clone()).await {
+                Ok(served) => served,
+                Err(e) => self
+                    .rotation_fallback(&e, &claims, caller, &binding)
+                    .ok_or(RequestError::Upstream(e))?,
+            },
+        };
+        if let (Some(entry), Some(process)) = (&served.entry, &caller.process) {
+            entry.set_owner_cgroup(process.cgroup_id);
+        }
+        ex.lookup = Some(served.lookup);
+        ex.issued = Some(served.issued.clone());
+        Ok(served.issued.body.clone())
+    }
+
+    /// Token rotation during an EKS Auth outage: when the kernel shows the caller is the pod the
+    /// new token names, and a cached entry verified upstream belongs to that pod and service
+    /// account, serve it rather than fail.
+    fn rotation_fallback(&self, err: &UpstreamError, claims: &Claims, caller: &Caller, binding: &Binding) -> Option<Served> {
+        if err.class() != ErrorClass::Transient || *binding != Binding::Match {
+            return None;
+        }
+        let pod = caller.pod_uid()?;
+        let entry = self.cache.find(|e| {
+            e.claims.pod_uid() == Some(pod)
+                && e.claims.namespace() == claims.namespace()
+                && e.claims.service_account() == claims.service_account()
+        })?;
+        tracing::warn!(pod_uid = pod, namespace = claims.namespace(), service_account = claims.service_account(),
+            code = %err.code, "EKS Auth failed for a rotated token; serving the pod's cached credentials");
+        Some(Served {
+            issued: entry.issued(),
+            lookup: Lookup::Hit,
+            entry: Some(entry),
+        })
+    }
+
+    /// `Host` must name a bind host, with or without port and brackets.
+    fn host_allowed(&self, host: Option<&HeaderValue>) -> bool {
+        host.and_then(|h| h.to_str().ok())
+            .and_then(host_ip)
+            .is_some_and(|ip| self.hosts.contains(&ip))
+    }
+
+    fn audit_record(
+        &self,
+        result: &Result<Bytes, RequestError>,
+        status: u16,
+        elapsed: std::time::Duration,
+        caller: &Caller,
+        ex: Exchange,
+    ) -> AuditRecord {
+        let (outcome, reason) = match result {
+            Ok(_) => ("allowed", None),
+            Err(e) => (e.outcome(), Some(e.to_string())),
+        };
+        let cgroup = caller.cgroup.as_deref();
+        let pod = cgroup.and_then(|c| c.pod.as_ref());
+        let association = ex.issued.as_ref().map(|i| &i.association);
+        AuditRecord {
+            ts: audit::timestamp(self.clock.now()),
+            outcome,
+            http_status: status,
+            reason,
+            cache: ex.lookup.map(Lookup::as_str),
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            caller: CallerRecord {
+                peer: caller.peer.to_string(),
+                cgroup_id: caller.process.as_ref().map(|p| p.cgroup_id),
+                cgroup_path: cgroup.map(|c| c.path.clone()),
+                pod_uid: pod.map(|p| p.pod_uid.clone()),
+                container_id: pod.and_then(|p| p.container_id.clone()),
+                pid: caller.process.as_ref().map(|p| p.pid),
+                comm: caller.process.as_ref().map(|p| p.comm.clone()),
+            },
+            token: ex.claims.as_deref().map(|c| TokenRecord {
+                namespace: c.namespace().map(str::to_owned),
+                service_account: c.service_account().map(str::to_owned),
+                pod_name: c.pod_name().map(str::to_owned),
+                pod_uid: c.pod_uid().map(str::to_owned),
+                node_name: c.node_name().map(str::to_owned),
+                jti: c.jti.clone(),
+            }),
+            binding: ex.binding.as_ref().map_or("off", Binding::as_str),
+            role_arn: association.map(|a| a.role_arn.clone()).filter(|s| !s.is_empty()),
+            association_id: association.map(|a| a.association_id.clone()).filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// The IP of a `Host` header: `169.254.170.23`, `169.254.170.23:80`, `[fd00:ec2::23]`,
+/// `[fd00:ec2::23]:80` (and a bare IPv6 address, which some clients send).
+pub fn host_ip(host: &str) -> Option<IpAddr> {
+    if let Some(rest) = host.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
+        return if port_ok { ip.parse().ok() } else { None };
+    }
+    if let Ok(ip) = host.parse() {
+        return Some(ip);
+    }
+    let (ip, port) = host.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Status codes as label values, without allocating for the common ones.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}
+
+/// Namespace label values, at most `limit` distinct ones; later namespaces count as `other`.
+struct NamespaceLabels {
+    seen: RwLock<HashSet<Arc<str>>>,
+    limit: usize,
+}
+
+impl NamespaceLabels {
+    fn new(limit: usize) -> Self {
+        NamespaceLabels {
+            seen: RwLock::new(HashSet::new()),
+            limit,
+        }
+    }
+
+    fn label(&self, namespace: Option<&str>) -> Arc<str> {
+        let Some(ns) = namespace else {
+            return Arc::from("");
+        };
+        if let Ok(seen) = self.seen.read()
+            && let Some(known) = seen.get(ns)
+        {
+            return known.clone();
+        }
+        let Ok(mut seen) = self.seen.write() else {
+            return Arc::from(OTHER_NAMESPACE);
+        };
+        if seen.len() >= self.limit {
+            return Arc::from(OTHER_NAMESPACE);
+        }
+        let label: Arc<str> = Arc::from(ns);
+        seen.insert(label.clone());
+        label
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! The request path, without sockets: a scripted upstream behind the real cache.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http_body_util::BodyExt as _;
+use serde_json::json;
+
+use super::*;
+use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
+use crate::config::{CacheConfig, TokenBinding};
+use crate::credentials::{Association, Credentials};
+use crate::token::unsigned_token;
+
+const POD: &str = "0b5e3c2a-1111-4222-8333-444455556666";
+
+#[derive(Default)]
+struct Upstream {
+    calls: AtomicUsize,
+    script: Mutex<VecDeque<UpstreamError>>,
+}
+
+impl Retriever for Arc<Upstream> {
+    async fn fetch(&self, _token: &str) -> Result<Issued, UpstreamError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(e) = self.script.lock().unwrap().pop_front() {
+            return Err(e);
+        }
+        Ok(Issued::new(
+            Credentials {
+                access_key_id: format!("ASIA{n}"),
+                secret_access_key: "secret".into(),
+                session_token: "session".into(),
+                account_id: "111122223333".into(),
+                expiration: SystemTime::now() + Duration::from_secs(6 * 3600),
+            },
+            Association {
+                role_arn: "arn:aws:iam::111122223333:role/cart".into(),
+                association_id: "a-1".into(),
+                ..Association::default()
+            },
+        ))
+    }
+}
+
+fn endpoint(up: &Arc<Upstream>, attribution: Attribution, global: RateLimit) -> Endpoint<Arc<Upstream>> {
+    let metrics = Metrics::new().unwrap();
+    let cache = CredentialCache::new(
+        up.clone(),
+        CacheConfig {
+            max_entries: 100,
+            max_retention: Duration::from_secs(3 * 3600),
+            renew_before_expiry: Duration::from_secs(70 * 60),
+            min_remaining: Duration::from_secs(15),
+            renewals_per_second: 3,
+            renewal_jitter: Duration::from_secs(300),
+            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        },
+        Clock::System,
+        metrics.clone(),
+        None,
+    );
+    Endpoint::new(
+        cache,
+        vec!["169.254.170.23".parse().unwrap(), "fd00:ec2::23".parse().unwrap()],
+        global,
+        Arc::new(attribution),
+        None,
+        metrics,
+        10,
+        Clock::System,
+    )
+}
+
+fn no_limit() -> RateLimit {
+    RateLimit { per_second: 0, burst: 0 }
+}
+
+fn token(pod: &str, sa: &str, jti: &str) -> String {
+    let now = Clock::System.unix_now();
+    unsigned_token(&json!({
+        "aud": ["pods.eks.amazonaws.com"], "exp": now + 86400, "iat": now, "nbf": now, "jti": jti,
+        "sub": format!("system:serviceaccount:shop:{sa}"),
+        "kubernetes.io": {"namespace": "shop", "pod": {"name": "cart", "uid": pod},
+                          "serviceaccount": {"name": sa, "uid": "s"}}
+    }))
+}
+
+fn request(method: &str, path: &str, host: &str, auth: Option<&str>) -> Request<()> {
+    let mut b = Request::builder().method(method).uri(path).header("host", host);
+    if let Some(auth) = auth {
+        b = b.header("authorization", auth);
+    }
+    b.body(()).unwrap()
+}
+
+fn anonymous() -> Caller {
+    Caller::unattributed("169.254.200.1:40000".parse().unwrap())
+}
+
+fn pod_caller(pod: &str) -> Caller {
+    Caller {
+        peer: "169.254.200.1:40000".parse().unwrap(),
+        process: Some(crate::ebpf::Caller { cgroup_id: 9, pid: 42, tid: 42, uid: 0, comm: "python3".into(), netns_cookie: 0 }),
+        cgroup: Some(Arc::new(CgroupInfo {
+            id: 9,
+            path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
+            pod: Some(PodCgroup { pod_uid: pod.into(), container_id: Some("x".into()), qos: Qos::Burstable }),
+        })),
+    }
+}
+
+async fn send(e: &Endpoint<Arc<Upstream>>, req: Request<()>, caller: &Caller) -> (u16, String) {
+    let r = e.handle(req, caller).await;
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn serves_credentials_then_hits_the_cache() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), no_limit());
+    let t = token(POD, "cart", "j1");
+    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["AccessKeyId"], "ASIA1");
+    assert!(v["Expiration"].as_str().unwrap().ends_with('Z'));
+    let (status, _) = send(&e, request("GET", CREDENTIALS_PATH, "[fd00:ec2::23]:80", Some(&t)), &anonymous()).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bad_requests_get_their_status() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), no_limit());
+    let t = token(POD, "cart", "j1");
+    let c = anonymous();
+    assert_eq!(send(&e, request("GET", "/v1/other", "169.254.170.23", Some(&t)), &c).await.0, 404);
+    assert_eq!(send(&e, request("POST", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &c).await.0, 405);
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "example.com", Some(&t)), &c).await.0, 403);
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.2", Some(&t)), &c).await.0, 403);
+    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", None), &c).await;
+    assert_eq!((status, body.as_str()), (400, "no token in the Authorization header"));
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some("garbage")), &c).await.0, 400);
+    let expired = unsigned_token(&json!({"aud": "pods.eks.amazonaws.com", "exp": 1000}));
+    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&expired)), &c).await;
+    assert_eq!((status, body.as_str()), (400, "the token has expired"));
+    assert_eq!(up.calls.load(Ordering::SeqCst), 0, "no bad request reached upstream");
+}
+
+#[tokio::test]
+async fn upstream_errors_keep_their_status_and_code() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), no_limit());
+    for (status, code) in [(400, "InvalidTokenException"), (404, "ResourceNotFoundException"), (429, "ThrottlingException")] {
+        up.script.lock().unwrap().push_back(UpstreamError::new(status, code, "said upstream"));
+        let t = token(POD, "cart", code);
+        let got = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await;
+        assert_eq!(got, (status, format!("({code}): said upstream")));
+    }
+}
+
+#[tokio::test]
+async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() {
+    let up = Arc::new(Upstream::default());
+    let policy = Attribution::new(None, None, TokenBinding::Enforce, None, no_limit());
+    let e = endpoint(&up, policy, no_limit());
+    let t = token(POD, "cart", "j1");
+    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &pod_caller("another-pod")).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("another-pod"), "{body}");
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await.0, 403);
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &pod_caller(POD)).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fails() {
+    let up = Arc::new(Upstream::default());
+    let policy = Attribution::new(None, None, TokenBinding::Audit, None, no_limit());
+    let e = endpoint(&up, policy, no_limit());
+    let old = token(POD, "cart", "old");
+    let (status, first) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&old)), &pod_caller(POD)).await;
+    assert_eq!(status, 200);
+    up.script.lock().unwrap().extend([
+        UpstreamError::new(503, "ServiceUnavailableException", "down"),
+        UpstreamError::new(503, "ServiceUnavailableException", "down"),
+        UpstreamError::new(503, "ServiceUnavailableException", "down"),
+    ]);
+    let new = token(POD, "cart", "new");
+    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new)), &pod_caller(POD)).await;
+    assert_eq!((status, &body), (200, &first));
+    // Not for another service account of the pod, nor for a caller the kernel does not place in it.
+    let other_sa = token(POD, "admin", "new2");
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&other_sa)), &pod_caller(POD)).await.0, 503);
+    let new3 = token(POD, "cart", "new3");
+    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new3)), &anonymous()).await.0, 503);
+}
+
+#[tokio::test]
+async fn the_node_wide_limit_answers_429() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), RateLimit { per_second: 1, burst: 2 });
+    let t = token(POD, "cart", "j1");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+}
+
+#[test]
+fn host_header_forms() {
+    for (host, ip) in [
+        ("169.254.170.23", Some("169.254.170.23")),
+        ("169.254.170.23:80", Some("169.254.170.23")),
+        ("[fd00:ec2::23]", Some("fd00:ec2::23")),
+        ("[fd00:ec2::23]:80", Some("fd00:ec2::23")),
+        ("fd00:ec2::23", Some("fd00:ec2::23")),
+        ("[fd00:ec2::23]x", None),
+        ("169.254.170.23:http", None),
+        ("localhost", None),
+        ("", None),
+    ] {
+        assert_eq!(host_ip(host), ip.map(|i| i.parse().unwrap()), "{host:?}");
+    }
+}
+
+#[test]
+fn namespace_labels_are_bounded() {
+    let labels = NamespaceLabels::new(2);
+    assert_eq!(&*labels.label(Some("a")), "a");
+    assert_eq!(&*labels.label(Some("b")), "b");
+    assert_eq!(&*labels.label(Some("c")), OTHER_NAMESPACE);
+    assert_eq!(&*labels.label(Some("a")), "a");
+}

@@ -1,0 +1,161 @@
+//! Prometheus metrics. The original agent's names are kept exactly as its users scrape them
+//! (no `_total` suffix on its counters); new metrics follow Prometheus naming.
+//!
+//! One [`Metrics`] is made per server and passed to the parts that count: nothing global.
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// The label value for namespaces beyond the cardinality bound.
+pub const OTHER_NAMESPACE: &str = "other";
+
+/// Every metric the agent exports. Cheap to clone (the metrics are shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Responses of the credential endpoint by status code (original name).
+    pub http_response: IntCounterVec,
+    /// Cache outcomes: `hit`, `miss`, `coalesced`, `refresh`, `evicted` (original name).
+    pub cache_state: IntCounterVec,
+    /// Upstream errors by `type` (`fetch` for a pod's request, `refresh` for a renewal) and
+    /// `code` (original name).
+    pub cache_errors: IntCounterVec,
+    pub request_duration: Histogram,
+    pub upstream_duration: HistogramVec,
+    pub cache_entries: IntGauge,
+    pub upstream_in_flight: IntGauge,
+    pub ebpf_attached: IntGauge,
+    pub connections_denied: IntCounterVec,
+    pub binding: IntCounterVec,
+    pub requests_by_namespace: IntCounterVec,
+    pub audit_dropped: IntCounter,
+    pub pod_requests_limited: IntCounter,
+}
+
+/// Why the registry could not be built (a programming error: names and labels are constants).
+pub type MetricsError = prometheus::Error;
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        // From 50 µs (a cache hit) to 2 s (the SDKs' timeout).
+        let latency_buckets = vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 2.0,
+        ];
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pod_identity_request_duration_seconds",
+                "Time to answer a credential request, from the request's arrival to its response.",
+            )
+            .buckets(latency_buckets.clone()),
+        )?;
+        registry.register(Box::new(request_duration.clone()))?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pod_identity_upstream_duration_seconds",
+                "Duration of AssumeRoleForPodIdentity calls to EKS Auth, retries included, by outcome.",
+            )
+            .buckets(latency_buckets),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        let audit_dropped = IntCounter::new(
+            "pod_identity_audit_dropped_total",
+            "Audit records dropped because the audit queue was full.",
+        )?;
+        registry.register(Box::new(audit_dropped.clone()))?;
+        let pod_requests_limited = IntCounter::new(
+            "pod_identity_pod_requests_limited_total",
+            "Credential requests refused with 429 by the per-pod request limit.",
+        )?;
+        registry.register(Box::new(pod_requests_limited.clone()))?;
+        Ok(Metrics {
+            http_response: counter_vec(
+                "pod_identity_http_response",
+                "Responses of the credential endpoint by HTTP status code.",
+                &["code"],
+            )?,
+            cache_state: counter_vec(
+                "pod_identity_cache_state",
+                "Credential cache outcomes: hit, miss, coalesced, refresh, evicted.",
+                &["state"],
+            )?,
+            cache_errors: counter_vec(
+                "pod_identity_cache_errors",
+                "Errors from EKS Auth by type (fetch, refresh) and error code.",
+                &["type", "code"],
+            )?,
+            request_duration,
+            upstream_duration,
+            cache_entries: gauge("pod_identity_cache_entries", "Credentials currently cached.")?,
+            upstream_in_flight: gauge(
+                "pod_identity_upstream_in_flight",
+                "AssumeRoleForPodIdentity calls to EKS Auth under way.",
+            )?,
+            ebpf_attached: gauge(
+                "pod_identity_ebpf_attached",
+                "1 when the attribution eBPF programs are attached, else 0.",
+            )?,
+            connections_denied: counter_vec(
+                "pod_identity_connections_denied_total",
+                "Connections to the agent refused in the kernel by the per-pod connect limit, by namespace.",
+                &["namespace"],
+            )?,
+            binding: counter_vec(
+                "pod_identity_binding_total",
+                "Token binding results: match, mismatch, unattributed, off.",
+                &["result"],
+            )?,
+            requests_by_namespace: counter_vec(
+                "pod_identity_requests_total",
+                "Credential requests by the caller's namespace (from the token) and HTTP status code.",
+                &["namespace", "code"],
+            )?,
+            audit_dropped,
+            pod_requests_limited,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails for malformed metrics, which the constructor rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_names_have_no_total_suffix() {
+        let m = Metrics::new().unwrap();
+        m.http_response.with_label_values(&["200"]).inc();
+        m.cache_state.with_label_values(&["hit"]).inc();
+        m.cache_errors.with_label_values(&["fetch", "ThrottlingException"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("pod_identity_http_response{code=\"200\"} 1\n"), "{text}");
+        assert!(text.contains("pod_identity_cache_state{state=\"hit\"} 1\n"), "{text}");
+        assert!(
+            text.contains("pod_identity_cache_errors{code=\"ThrottlingException\",type=\"fetch\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("pod_identity_http_response_total"));
+    }
+}
