@@ -4,9 +4,10 @@
 //! and its cgroup resolved to a pod. Per request, the token's claims are compared with that
 //! pod ([`Binding`]) and the pod's request rate is checked.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock as _, DefaultClock};
@@ -75,7 +76,13 @@ pub struct Attribution {
     binding: TokenBinding,
     node_name: Option<String>,
     pod_limit: Option<DefaultKeyedRateLimiter<String>>,
+    /// Pod UID → namespace, learned from tokens whose pod the kernel confirmed: labels kernel
+    /// counters, which know only cgroups.
+    namespaces: Mutex<HashMap<String, Arc<str>>>,
 }
+
+/// Most pods whose namespace is remembered; past it the memory starts afresh.
+const MAX_REMEMBERED_PODS: usize = 10_000;
 
 impl Attribution {
     /// `callers` and `resolver` are `None` when the eBPF programs are not attached.
@@ -96,12 +103,22 @@ impl Attribution {
             binding,
             node_name,
             pod_limit,
+            namespaces: Mutex::new(HashMap::new()),
         }
     }
 
     /// Nothing from the kernel, no binding, no limits.
     pub fn off() -> Self {
-        Attribution::new(None, None, TokenBinding::Off, None, RateLimit { per_second: 0, burst: 0 })
+        Attribution::new(
+            None,
+            None,
+            TokenBinding::Off,
+            None,
+            RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+        )
     }
 
     pub fn is_attached(&self) -> bool {
@@ -149,12 +166,36 @@ impl Attribution {
                 "the token is for node {token_node}, this is node {node}"
             ));
         }
+        if let Some(namespace) = claims.namespace() {
+            self.remember_namespace(caller_pod, namespace);
+        }
         Binding::Match
+    }
+
+    fn remember_namespace(&self, pod_uid: &str, namespace: &str) {
+        let Ok(mut known) = self.namespaces.lock() else {
+            return;
+        };
+        if known.get(pod_uid).is_some_and(|ns| &**ns == namespace) {
+            return;
+        }
+        if known.len() >= MAX_REMEMBERED_PODS {
+            known.clear();
+        }
+        known.insert(pod_uid.to_owned(), Arc::from(namespace));
+    }
+
+    /// The namespace of the pod a cgroup belongs to, when a request from it has shown it.
+    pub fn namespace_of_cgroup(&self, cgroup_id: u64) -> Option<Arc<str>> {
+        let info = self.resolver.as_ref()?.resolve(cgroup_id)?;
+        let pod = info.pod.as_ref()?;
+        self.namespaces.lock().ok()?.get(&pod.pod_uid).cloned()
     }
 
     /// Whether a request with this binding result is refused.
     pub fn refuses(&self, binding: &Binding) -> bool {
-        self.binding == TokenBinding::Enforce && matches!(binding, Binding::Mismatch(_) | Binding::Unattributed(_))
+        self.binding == TokenBinding::Enforce
+            && matches!(binding, Binding::Mismatch(_) | Binding::Unattributed(_))
     }
 
     /// Takes one request from the pod's allowance; `Err` says when to retry.
@@ -193,8 +234,14 @@ mod tests {
             exp: i64::MAX,
             kubernetes: Some(KubernetesClaims {
                 namespace: Some("shop".into()),
-                pod: pod_uid.map(|uid| NamedObject { name: Some("cart".into()), uid: Some(uid.into()) }),
-                node: node.map(|n| NamedObject { name: Some(n.into()), uid: None }),
+                pod: pod_uid.map(|uid| NamedObject {
+                    name: Some("cart".into()),
+                    uid: Some(uid.into()),
+                }),
+                node: node.map(|n| NamedObject {
+                    name: Some(n.into()),
+                    uid: None,
+                }),
                 ..KubernetesClaims::default()
             }),
             ..Claims::default()
@@ -225,24 +272,51 @@ mod tests {
     }
 
     fn policy(binding: TokenBinding, node: Option<&str>) -> Attribution {
-        Attribution::new(None, None, binding, node.map(str::to_owned), RateLimit { per_second: 0, burst: 0 })
+        Attribution::new(
+            None,
+            None,
+            binding,
+            node.map(str::to_owned),
+            RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+        )
     }
 
     #[test]
     fn binding_results() {
         let a = policy(TokenBinding::Enforce, Some("node-a"));
-        assert_eq!(a.bind(&claims(Some(POD), Some("node-a")), &caller(Some(POD), true)), Binding::Match);
-        assert_eq!(a.bind(&claims(Some(POD), None), &caller(Some(POD), true)), Binding::Match);
+        assert_eq!(
+            a.bind(&claims(Some(POD), Some("node-a")), &caller(Some(POD), true)),
+            Binding::Match
+        );
+        assert_eq!(
+            a.bind(&claims(Some(POD), None), &caller(Some(POD), true)),
+            Binding::Match
+        );
         let other = a.bind(&claims(Some("other-pod"), None), &caller(Some(POD), true));
-        assert!(matches!(&other, Binding::Mismatch(r) if r.contains("other-pod")), "{other:?}");
+        assert!(
+            matches!(&other, Binding::Mismatch(r) if r.contains("other-pod")),
+            "{other:?}"
+        );
         assert!(a.refuses(&other));
         let node = a.bind(&claims(Some(POD), Some("node-b")), &caller(Some(POD), true));
-        assert!(matches!(&node, Binding::Mismatch(r) if r.contains("node-b")), "{node:?}");
-        assert!(matches!(a.bind(&claims(None, None), &caller(Some(POD), true)), Binding::Mismatch(_)));
+        assert!(
+            matches!(&node, Binding::Mismatch(r) if r.contains("node-b")),
+            "{node:?}"
+        );
+        assert!(matches!(
+            a.bind(&claims(None, None), &caller(Some(POD), true)),
+            Binding::Mismatch(_)
+        ));
         let outside = a.bind(&claims(Some(POD), None), &caller(None, true));
         assert!(matches!(outside, Binding::Unattributed(_)));
         assert!(a.refuses(&outside));
-        assert!(matches!(a.bind(&claims(Some(POD), None), &caller(Some(POD), false)), Binding::Unattributed(_)));
+        assert!(matches!(
+            a.bind(&claims(Some(POD), None), &caller(Some(POD), false)),
+            Binding::Unattributed(_)
+        ));
         assert!(!a.refuses(&Binding::Match));
     }
 
@@ -253,19 +327,37 @@ mod tests {
         assert_eq!(b.as_str(), "mismatch");
         assert!(!a.refuses(&b));
         let off = policy(TokenBinding::Off, None);
-        assert_eq!(off.bind(&claims(Some("other"), None), &caller(Some(POD), true)), Binding::Off);
+        assert_eq!(
+            off.bind(&claims(Some("other"), None), &caller(Some(POD), true)),
+            Binding::Off
+        );
     }
 
     #[test]
     fn pod_rate_is_per_pod() {
-        let a = Attribution::new(None, None, TokenBinding::Audit, None, RateLimit { per_second: 1, burst: 2 });
+        let a = Attribution::new(
+            None,
+            None,
+            TokenBinding::Audit,
+            None,
+            RateLimit {
+                per_second: 1,
+                burst: 2,
+            },
+        );
         let c = claims(Some(POD), None);
         let me = caller(Some(POD), true);
         assert!(a.check_pod_rate(&me, &c).is_ok());
         assert!(a.check_pod_rate(&me, &c).is_ok());
         let wait = a.check_pod_rate(&me, &c).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         let neighbour = caller(Some("another-pod"), true);
-        assert!(a.check_pod_rate(&neighbour, &claims(Some("another-pod"), None)).is_ok());
+        assert!(
+            a.check_pod_rate(&neighbour, &claims(Some("another-pod"), None))
+                .is_ok()
+        );
     }
 }

@@ -95,7 +95,11 @@ pub struct AuditWriter(JoinHandle<()>);
 
 impl AuditLog {
     /// Opens the sink and starts the writer thread.
-    pub fn start(sink: AuditSink, capacity: usize, dropped: IntCounter) -> Result<(AuditLog, AuditWriter), AuditError> {
+    pub fn start(
+        sink: AuditSink,
+        capacity: usize,
+        dropped: IntCounter,
+    ) -> Result<(AuditLog, AuditWriter), AuditError> {
         let out = Output::open(sink)?;
         let (queue, records) = mpsc::channel(capacity.max(1));
         let thread = std::thread::Builder::new()
@@ -123,7 +127,11 @@ impl AuditWriter {
 /// Where records go: stdout, or a file that may be rotated under us.
 enum Output {
     Stdout(io::Stdout),
-    File { path: PathBuf, file: BufWriter<File>, inode: u64 },
+    File {
+        path: PathBuf,
+        file: BufWriter<File>,
+        inode: u64,
+    },
 }
 
 impl Output {
@@ -131,7 +139,10 @@ impl Output {
         match sink {
             AuditSink::Stdout => Ok(Output::Stdout(io::stdout())),
             AuditSink::File(path) => {
-                let (file, inode) = open_append(&path).map_err(|source| AuditError::Open { path: path.clone(), source })?;
+                let (file, inode) = open_append(&path).map_err(|source| AuditError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
                 Ok(Output::File { path, file, inode })
             }
         }
@@ -159,13 +170,19 @@ impl Output {
                 *file = new_file;
                 *inode = new_inode;
             }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not reopen the rotated audit log"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not reopen the rotated audit log")
+            }
         }
     }
 }
 
 fn open_append(path: &std::path::Path) -> io::Result<(BufWriter<File>, u64)> {
-    let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
     let inode = file.metadata()?.ino();
     Ok((BufWriter::new(file), inode))
 }
@@ -204,7 +221,10 @@ mod tests {
             reason: None,
             cache: Some("hit"),
             latency_us: 12,
-            caller: CallerRecord { peer: "169.254.200.1:1234".into(), ..CallerRecord::default() },
+            caller: CallerRecord {
+                peer: "169.254.200.1:1234".into(),
+                ..CallerRecord::default()
+            },
             token: None,
             binding: "off",
             role_arn: None,
@@ -226,7 +246,12 @@ mod tests {
         log.record(record(200));
         // Let the writer catch up before rotating, as logrotate would find it.
         for _ in 0..100 {
-            if std::fs::read_to_string(&path).unwrap_or_default().lines().count() == 1 {
+            if std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 1
+            {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -250,7 +275,10 @@ mod tests {
     fn a_full_queue_drops_and_counts() {
         let (queue, _records) = mpsc::channel(1);
         let dropped = metric();
-        let log = AuditLog { queue, dropped: dropped.clone() };
+        let log = AuditLog {
+            queue,
+            dropped: dropped.clone(),
+        };
         log.record(record(200));
         log.record(record(200));
         assert_eq!(dropped.get(), 1);

@@ -18,7 +18,11 @@ pub const AGENT_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 pub const AGENT_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 
 #[derive(Debug, Parser)]
-#[command(name = "eks-pod-identity-agent", version, about = "Hands AWS credentials to Kubernetes pods, and knows which pod and process asked.")]
+#[command(
+    name = "eks-pod-identity-agent",
+    version,
+    about = "Hands AWS credentials to Kubernetes pods, and knows which pod and process asked."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -215,7 +219,9 @@ pub fn parse_verbosity(s: &str) -> Result<tracing::Level, String> {
         "3" | "debug" => Ok(Level::DEBUG),
         "trace" => Ok(Level::TRACE),
         n if n.parse::<u8>().is_ok_and(|n| n >= 4) => Ok(Level::TRACE),
-        _ => Err(format!("{s:?} is not a level (0-4, error, warn, info, debug, trace)")),
+        _ => Err(format!(
+            "{s:?} is not a level (0-4, error, warn, info, debug, trace)"
+        )),
     }
 }
 
@@ -239,13 +245,22 @@ mod tests {
         assert_eq!(c.probe_port, 2703);
         assert_eq!(c.metrics_port, 2705);
         assert_eq!(c.metrics_address, IpAddr::from([0, 0, 0, 0]));
-        assert_eq!(c.bind_hosts, vec![IpAddr::V4(AGENT_IPV4), IpAddr::V6(AGENT_IPV6)]);
+        assert_eq!(
+            c.bind_hosts,
+            vec![IpAddr::V4(AGENT_IPV4), IpAddr::V6(AGENT_IPV6)]
+        );
         assert_eq!(c.cache.max_retention, Duration::from_secs(3 * 3600));
         assert_eq!(c.cache.max_entries, 2000);
         assert_eq!(c.cache.renewals_per_second, 3);
         assert!(c.cache.enabled());
         assert_eq!(c.attribution.token_binding, TokenBinding::Audit);
-        assert_eq!(c.global_rate, RateLimit { per_second: 1000, burst: 500 });
+        assert_eq!(
+            c.global_rate,
+            RateLimit {
+                per_second: 1000,
+                burst: 500
+            }
+        );
     }
 
     #[test]
@@ -256,14 +271,35 @@ mod tests {
     #[test]
     fn original_flag_spellings_parse() {
         let c = server(&[
-            "--cluster-name", "c", "-p", "8080", "-b", "127.0.0.1", "-b", "[::1]",
-            "--max-credential-retention-before-renewal", "1h30m", "--max-cache-size", "0",
-            "--max-service-qps", "7", "--rotate-credentials", "--endpoint", "http://127.0.0.1:9",
-            "-v", "3",
+            "--cluster-name",
+            "c",
+            "-p",
+            "8080",
+            "-b",
+            "127.0.0.1",
+            "-b",
+            "[::1]",
+            "--max-credential-retention-before-renewal",
+            "1h30m",
+            "--max-cache-size",
+            "0",
+            "--max-service-qps",
+            "7",
+            "--rotate-credentials",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "-v",
+            "3",
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
-        assert_eq!(c.bind_hosts, vec![IpAddr::from([127, 0, 0, 1]), "::1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.bind_hosts,
+            vec![
+                IpAddr::from([127, 0, 0, 1]),
+                "::1".parse::<IpAddr>().unwrap()
+            ]
+        );
         assert_eq!(c.cache.max_retention, Duration::from_secs(5400));
         assert!(!c.cache.enabled());
         assert_eq!(c.cache.renewals_per_second, 7);
@@ -279,11 +315,18 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_a_reason() {
-        let err = server(&["-c", "x", "-b", "not-an-ip"]).unwrap_err().to_string();
-        assert!(err.contains("not an IP address"), "{err}");
-        let err = server(&["-c", "x", "--max-credential-retention-before-renewal", "soon"])
+        let err = server(&["-c", "x", "-b", "not-an-ip"])
             .unwrap_err()
             .to_string();
+        assert!(err.contains("not an IP address"), "{err}");
+        let err = server(&[
+            "-c",
+            "x",
+            "--max-credential-retention-before-renewal",
+            "soon",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("not a duration"), "{err}");
         assert!(server(&["-c", "x", "-v", "loud"]).is_err());
     }

@@ -42,17 +42,27 @@ pub struct BindError {
 impl BindError {
     /// The address is not on this host (yet): IPv6 off, `initialize` not run.
     pub fn address_missing(&self) -> bool {
-        matches!(self.source.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT))
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+        )
     }
 }
 
 /// Binds a listening socket (IPv6 sockets take IPv6 only, so v4 and v6 listeners coexist).
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     let err = |source| BindError { addr, source };
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     if addr.is_ipv6() {
-        socket2::SockRef::from(&socket).set_only_v6(true).map_err(err)?;
+        socket2::SockRef::from(&socket)
+            .set_only_v6(true)
+            .map_err(err)?;
     }
     socket.bind(addr).map_err(err)?;
     socket.listen(1024).map_err(err)
@@ -138,7 +148,13 @@ pub async fn serve<C, I, H, F>(
     }
     accepting.set(false);
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain, "connections still open after the drain timeout; closing them");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "connections still open after the drain timeout; closing them"
+        );
     }
 }

@@ -31,8 +31,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Initialize(args) => netlink::initialize(&args.into_config()).await.map(drop).map_err(|e| server::error_chain(&e)),
-            Command::Server(args) => server::run(args.into_config()).await.map_err(|e| server::error_chain(&e)),
+            Command::Initialize(args) => netlink::initialize(&args.into_config())
+                .await
+                .map(drop)
+                .map_err(|e| server::error_chain(&e)),
+            Command::Server(args) => server::run(args.into_config())
+                .await
+                .map_err(|e| server::error_chain(&e)),
             Command::Version => Ok(()),
         }
     });

@@ -3,6 +3,9 @@
 //!
 //! One [`Metrics`] is made per server and passed to the parts that count: nothing global.
 
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -10,6 +13,40 @@ use prometheus::{
 
 /// The label value for namespaces beyond the cardinality bound.
 pub const OTHER_NAMESPACE: &str = "other";
+
+/// Namespace label values, at most `limit` distinct ones; later namespaces count as `other`, so
+/// a cluster with many namespaces cannot blow up the series count.
+pub struct NamespaceLabels {
+    seen: RwLock<HashSet<Arc<str>>>,
+    limit: usize,
+}
+
+impl NamespaceLabels {
+    pub fn new(limit: usize) -> Self {
+        NamespaceLabels {
+            seen: RwLock::new(HashSet::new()),
+            limit,
+        }
+    }
+
+    /// The label for `namespace` (`""` stays `""`: unknown).
+    pub fn label(&self, namespace: &str) -> Arc<str> {
+        if let Ok(seen) = self.seen.read()
+            && let Some(known) = seen.get(namespace)
+        {
+            return known.clone();
+        }
+        let Ok(mut seen) = self.seen.write() else {
+            return Arc::from(OTHER_NAMESPACE);
+        };
+        if seen.len() >= self.limit {
+            return Arc::from(OTHER_NAMESPACE);
+        }
+        let label: Arc<str> = Arc::from(namespace);
+        seen.insert(label.clone());
+        label
+    }
+}
 
 /// Every metric the agent exports. Cheap to clone (the metrics are shared handles).
 #[derive(Clone)]
@@ -40,11 +77,12 @@ pub type MetricsError = prometheus::Error;
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
             let g = IntGauge::new(name, help)?;
             registry.register(Box::new(g.clone()))?;
@@ -100,7 +138,10 @@ impl Metrics {
             )?,
             request_duration,
             upstream_duration,
-            cache_entries: gauge("pod_identity_cache_entries", "Credentials currently cached.")?,
+            cache_entries: gauge(
+                "pod_identity_cache_entries",
+                "Credentials currently cached.",
+            )?,
             upstream_in_flight: gauge(
                 "pod_identity_upstream_in_flight",
                 "AssumeRoleForPodIdentity calls to EKS Auth under way.",
@@ -144,16 +185,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn namespace_labels_are_bounded() {
+        let labels = NamespaceLabels::new(2);
+        assert_eq!(&*labels.label("a"), "a");
+        assert_eq!(&*labels.label("b"), "b");
+        assert_eq!(&*labels.label("c"), OTHER_NAMESPACE);
+        assert_eq!(&*labels.label("a"), "a");
+    }
+
+    #[test]
     fn original_names_have_no_total_suffix() {
         let m = Metrics::new().unwrap();
         m.http_response.with_label_values(&["200"]).inc();
         m.cache_state.with_label_values(&["hit"]).inc();
-        m.cache_errors.with_label_values(&["fetch", "ThrottlingException"]).inc();
+        m.cache_errors
+            .with_label_values(&["fetch", "ThrottlingException"])
+            .inc();
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("pod_identity_http_response{code=\"200\"} 1\n"), "{text}");
-        assert!(text.contains("pod_identity_cache_state{state=\"hit\"} 1\n"), "{text}");
         assert!(
-            text.contains("pod_identity_cache_errors{code=\"ThrottlingException\",type=\"fetch\"} 1\n"),
+            text.contains("pod_identity_http_response{code=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pod_identity_cache_state{state=\"hit\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "pod_identity_cache_errors{code=\"ThrottlingException\",type=\"fetch\"} 1\n"
+            ),
             "{text}"
         );
         assert!(!text.contains("pod_identity_http_response_total"));

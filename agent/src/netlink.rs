@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt as _;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::LinkMessage;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+};
 use rtnetlink::{Handle, LinkDummy, LinkIfb, LinkUnspec, RouteMessageBuilder};
 
 use crate::config::InitializeConfig;
@@ -28,7 +30,9 @@ pub enum NetlinkError {
     },
     #[error("link {0} was created but cannot be found")]
     LinkVanished(String),
-    #[error("a route for {address} already points at link index {other_link}, not {link}: remove it or the other link")]
+    #[error(
+        "a route for {address} already points at link index {other_link}, not {link}: remove it or the other link"
+    )]
     RouteConflict {
         address: IpAddr,
         link: String,
@@ -77,7 +81,10 @@ pub async fn initialize(config: &InitializeConfig) -> Result<Initialized, Netlin
 }
 
 /// The steps of `initialize`, on any [`Rtnetlink`].
-pub async fn initialize_with(nl: &impl Rtnetlink, config: &InitializeConfig) -> Result<Initialized, NetlinkError> {
+pub async fn initialize_with(
+    nl: &impl Rtnetlink,
+    config: &InitializeConfig,
+) -> Result<Initialized, NetlinkError> {
     let name = config.link_name.as_str();
     let (index, created) = match nl.link_index(name).await? {
         Some(index) => (index, None),
@@ -85,13 +92,19 @@ pub async fn initialize_with(nl: &impl Rtnetlink, config: &InitializeConfig) -> 
             let kind = match nl.add_link(name, LinkKind::Dummy).await {
                 Ok(()) => LinkKind::Dummy,
                 Err(e) if is_errno(&e, libc::EOPNOTSUPP) => {
-                    tracing::warn!(link = name, "this kernel has no dummy link driver; using an ifb link instead");
+                    tracing::warn!(
+                        link = name,
+                        "this kernel has no dummy link driver; using an ifb link instead"
+                    );
                     nl.add_link(name, LinkKind::Ifb).await?;
                     LinkKind::Ifb
                 }
                 Err(e) => return Err(e),
             };
-            let index = nl.link_index(name).await?.ok_or_else(|| NetlinkError::LinkVanished(name.to_owned()))?;
+            let index = nl
+                .link_index(name)
+                .await?
+                .ok_or_else(|| NetlinkError::LinkVanished(name.to_owned()))?;
             (index, Some(kind))
         }
     };
@@ -107,11 +120,25 @@ pub async fn initialize_with(nl: &impl Rtnetlink, config: &InitializeConfig) -> 
         Err(e) => return Err(e),
     };
     tracing::info!(link = name, index, ?created, ipv6, "initialized");
-    Ok(Initialized { index, created, ipv6 })
+    Ok(Initialized {
+        index,
+        created,
+        ipv6,
+    })
 }
 
-async fn add_with_route(nl: &impl Rtnetlink, index: u32, name: &str, address: IpAddr) -> Result<(), NetlinkError> {
-    if let Some(other_link) = nl.host_routes(address).await?.into_iter().find(|l| *l != index) {
+async fn add_with_route(
+    nl: &impl Rtnetlink,
+    index: u32,
+    name: &str,
+    address: IpAddr,
+) -> Result<(), NetlinkError> {
+    if let Some(other_link) = nl
+        .host_routes(address)
+        .await?
+        .into_iter()
+        .find(|l| *l != index)
+    {
         return Err(NetlinkError::RouteConflict {
             address,
             link: name.to_owned(),
@@ -134,17 +161,30 @@ fn is_errno(e: &NetlinkError, errno: i32) -> bool {
 
 /// IPv6 disabled (sysctl or boot flag) or absent from the kernel.
 fn ipv6_unavailable(e: &NetlinkError) -> bool {
-    [libc::EACCES, libc::EAFNOSUPPORT, libc::EPERM, libc::EOPNOTSUPP, libc::EADDRNOTAVAIL]
-        .iter()
-        .any(|errno| is_errno(e, *errno))
+    [
+        libc::EACCES,
+        libc::EAFNOSUPPORT,
+        libc::EPERM,
+        libc::EOPNOTSUPP,
+        libc::EADDRNOTAVAIL,
+    ]
+    .iter()
+    .any(|errno| is_errno(e, *errno))
 }
 
 /// [`Rtnetlink`] on a real netlink socket.
 struct Kernel(Handle);
 
-fn call(call: &'static str, subject: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+fn call(
+    call: &'static str,
+    subject: impl std::fmt::Display,
+) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     let subject = subject.to_string();
-    move |source| NetlinkError::Call { call, subject, source }
+    move |source| NetlinkError::Call {
+        call,
+        subject,
+        source,
+    }
 }
 
 impl Rtnetlink for Kernel {
@@ -163,12 +203,22 @@ impl Rtnetlink for Kernel {
             LinkKind::Dummy => LinkDummy::new(name).build(),
             LinkKind::Ifb => LinkIfb::new(name).build(),
         };
-        self.0.link().add(message).execute().await.map_err(call("RTM_NEWLINK", format!("{name} ({kind:?})")))
+        self.0
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(call("RTM_NEWLINK", format!("{name} ({kind:?})")))
     }
 
     async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
         let message = LinkUnspec::new_with_index(index).up().build();
-        self.0.link().set(message).execute().await.map_err(call("RTM_SETLINK up", index))
+        self.0
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(call("RTM_SETLINK up", index))
     }
 
     async fn add_address(&self, index: u32, address: IpAddr) -> Result<(), NetlinkError> {
@@ -180,7 +230,10 @@ impl Rtnetlink for Kernel {
                 .attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        request.execute().await.map_err(call("RTM_NEWADDR", address))
+        request
+            .execute()
+            .await
+            .map_err(call("RTM_NEWADDR", address))
     }
 
     async fn host_routes(&self, address: IpAddr) -> Result<Vec<u32>, NetlinkError> {
@@ -201,7 +254,11 @@ impl Rtnetlink for Kernel {
             .iter()
             .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN)
             .filter(|r| r.header.destination_prefix_length == prefix)
-            .filter(|r| r.attributes.iter().any(|a| matches!(a, RouteAttribute::Destination(d) if route_ip(d) == Some(address))))
+            .filter(|r| {
+                r.attributes.iter().any(
+                    |a| matches!(a, RouteAttribute::Destination(d) if route_ip(d) == Some(address)),
+                )
+            })
             .filter_map(|r| {
                 r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(index) => Some(*index),
@@ -223,7 +280,13 @@ impl Rtnetlink for Kernel {
                 .output_interface(index)
                 .build(),
         };
-        self.0.route().add(message).replace().execute().await.map_err(call("RTM_NEWROUTE", address))
+        self.0
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(call("RTM_NEWROUTE", address))
     }
 }
 

@@ -43,12 +43,18 @@ pub struct Probes {
 impl Probes {
     pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET".into());
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: use GET".into(),
+            );
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok".into()),
             "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready".into()),
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "credential listeners are not accepting".into()),
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "credential listeners are not accepting".into(),
+            ),
             "/metrics" => match &self.metrics {
                 Some((metrics, on_scrape)) => {
                     if let Some(on_scrape) = on_scrape {
@@ -73,19 +79,27 @@ mod tests {
     use super::*;
 
     fn get(probes: &Probes, path: &str) -> StatusCode {
-        probes.handle(&Request::get(path).body(()).unwrap()).status()
+        probes
+            .handle(&Request::get(path).body(()).unwrap())
+            .status()
     }
 
     #[test]
     fn readiness_follows_the_listeners() {
         let accepting = Accepting::default();
-        let probes = Probes { readiness: Readiness::new(vec![accepting.clone()]), metrics: None };
+        let probes = Probes {
+            readiness: Readiness::new(vec![accepting.clone()]),
+            metrics: None,
+        };
         assert_eq!(get(&probes, "/healthz"), StatusCode::OK);
         assert_eq!(get(&probes, "/readyz"), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(get(&probes, "/metrics"), StatusCode::NOT_FOUND);
         accepting.set(true);
         assert_eq!(get(&probes, "/readyz"), StatusCode::OK);
-        let none = Probes { readiness: Readiness::new(vec![]), metrics: None };
+        let none = Probes {
+            readiness: Readiness::new(vec![]),
+            metrics: None,
+        };
         assert_eq!(get(&none, "/readyz"), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -21,7 +21,7 @@ use crate::credentials::eks_auth::{EksAuth, EksAuthSetupError};
 use crate::ebpf::{self, AttachConfig, EbpfError, Programs};
 use crate::http::Endpoint;
 use crate::listener::{self, Accepting, BindError};
-use crate::metrics::{Metrics, MetricsError};
+use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
 use crate::probes::{OnScrape, Probes, Readiness};
 use crate::shutdown;
 
@@ -65,21 +65,37 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     if credential_listeners.is_empty() {
         return Err(ServerError::NoListener(config.bind_hosts.clone()));
     }
-    let targets: Vec<SocketAddr> = credential_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let targets: Vec<SocketAddr> = credential_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
 
     let (programs, attribution) = attach(&config, targets, &metrics)?;
     let attribution = Arc::new(attribution);
 
     let eks_auth = EksAuth::new(config.cluster_name.clone(), &config.upstream).await?;
     let clock = Clock::System;
-    let cache = CredentialCache::new(eks_auth, config.cache.clone(), clock, metrics.clone(), attribution.keep_predicate());
+    let cache = CredentialCache::new(
+        eks_auth,
+        config.cache.clone(),
+        clock,
+        metrics.clone(),
+        attribution.keep_predicate(),
+    );
     let (audit, audit_writer) = match &config.attribution.audit {
         Some(sink) => {
-            let (log, writer) = AuditLog::start(sink.clone(), config.attribution.audit_queue, metrics.audit_dropped.clone())?;
+            let (log, writer) = AuditLog::start(
+                sink.clone(),
+                config.attribution.audit_queue,
+                metrics.audit_dropped.clone(),
+            )?;
             (Some(log), Some(writer))
         }
         None => (None, None),
     };
+    let namespaces = Arc::new(NamespaceLabels::new(
+        config.attribution.namespace_label_limit,
+    ));
     let endpoint = Arc::new(Endpoint::new(
         cache,
         config.bind_hosts.clone(),
@@ -87,7 +103,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         attribution.clone(),
         audit,
         metrics.clone(),
-        config.attribution.namespace_label_limit,
+        namespaces.clone(),
         clock,
     ));
 
@@ -114,11 +130,29 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     drop(endpoint);
 
     let readiness = Readiness::new(accepting);
-    let on_scrape = programs.as_ref().map(|p| kernel_counters_sync(p.clone(), metrics.clone()));
+    let on_scrape = programs
+        .as_ref()
+        .map(|p| kernel_counters_sync(p.clone(), attribution.clone(), namespaces, metrics.clone()));
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), config.probe_port);
     let metrics_addr = SocketAddr::new(config.metrics_address, config.metrics_port);
-    spawn_probes(&mut tasks, probe_addr, Probes { readiness: readiness.clone(), metrics: None }, &shutdown)?;
-    spawn_probes(&mut tasks, metrics_addr, Probes { readiness, metrics: Some((metrics.clone(), on_scrape)) }, &shutdown)?;
+    spawn_probes(
+        &mut tasks,
+        probe_addr,
+        Probes {
+            readiness: readiness.clone(),
+            metrics: None,
+        },
+        &shutdown,
+    )?;
+    spawn_probes(
+        &mut tasks,
+        metrics_addr,
+        Probes {
+            readiness,
+            metrics: Some((metrics.clone(), on_scrape)),
+        },
+        &shutdown,
+    )?;
     tracing::info!(%probe_addr, %metrics_addr, "serving probes and metrics");
 
     while let Some(done) = tasks.join_next().await {
@@ -135,7 +169,12 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     Ok(())
 }
 
-fn spawn_probes(tasks: &mut JoinSet<()>, addr: SocketAddr, probes: Probes, shutdown: &CancellationToken) -> Result<(), BindError> {
+fn spawn_probes(
+    tasks: &mut JoinSet<()>,
+    addr: SocketAddr,
+    probes: Probes,
+    shutdown: &CancellationToken,
+) -> Result<(), BindError> {
     let l = listener::bind(addr)?;
     tasks.spawn(listener::serve(
         l,
@@ -153,7 +192,11 @@ fn spawn_probes(tasks: &mut JoinSet<()>, addr: SocketAddr, probes: Probes, shutd
 
 /// Loads and attaches the eBPF programs. Without them the agent serves unattributed, unless
 /// binding is enforced: then it refuses to start, since it could not keep its promise.
-fn attach(config: &ServerConfig, targets: Vec<SocketAddr>, metrics: &Metrics) -> Result<(Option<Arc<Programs>>, Attribution), ServerError> {
+fn attach(
+    config: &ServerConfig,
+    targets: Vec<SocketAddr>,
+    metrics: &Metrics,
+) -> Result<(Option<Arc<Programs>>, Attribution), ServerError> {
     let a = &config.attribution;
     let loaded = ebpf::cgroup2_mount_root().and_then(|mount_root| {
         let cgroup_root = a.cgroup_root.clone().unwrap_or_else(|| mount_root.clone());
@@ -182,14 +225,26 @@ fn attach(config: &ServerConfig, targets: Vec<SocketAddr>, metrics: &Metrics) ->
         Err(e) => {
             metrics.ebpf_attached.set(0);
             tracing::warn!(error = %error_chain(&e), "eBPF attribution unavailable: serving without it (binding: unattributed)");
-            let attribution = Attribution::new(None, None, a.token_binding, a.node_name.clone(), a.pod_request);
+            let attribution = Attribution::new(
+                None,
+                None,
+                a.token_binding,
+                a.node_name.clone(),
+                a.pod_request,
+            );
             Ok((None, attribution))
         }
     }
 }
 
-/// Adds the kernel's per-cgroup refusal counts to `pod_identity_connections_denied_total`.
-fn kernel_counters_sync(programs: Arc<Programs>, metrics: Metrics) -> OnScrape {
+/// Adds the kernel's per-cgroup refusal counts to `pod_identity_connections_denied_total`,
+/// labelled with the pod's namespace where a request from it has shown it (else `unknown`).
+fn kernel_counters_sync(
+    programs: Arc<Programs>,
+    attribution: Arc<Attribution>,
+    namespaces: Arc<NamespaceLabels>,
+    metrics: Metrics,
+) -> OnScrape {
     let seen = Mutex::new(std::collections::HashMap::<u64, u64>::new());
     Arc::new(move || {
         let Ok(counters) = programs.connect_counters() else {
@@ -201,7 +256,12 @@ fn kernel_counters_sync(programs: Arc<Programs>, metrics: Metrics) -> OnScrape {
         for (cgroup_id, c) in counters {
             let before = seen.insert(cgroup_id, c.denied).unwrap_or(0);
             if c.denied > before {
-                metrics.connections_denied.with_label_values(&["unknown"]).inc_by(c.denied - before);
+                let namespace = attribution.namespace_of_cgroup(cgroup_id);
+                let label = namespaces.label(namespace.as_deref().unwrap_or("unknown"));
+                metrics
+                    .connections_denied
+                    .with_label_values(&[&label])
+                    .inc_by(c.denied - before);
             }
         }
     })

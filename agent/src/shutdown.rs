@@ -7,7 +7,10 @@ use tokio_util::sync::CancellationToken;
 /// the process to be killed the hard way: say so).
 pub async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");

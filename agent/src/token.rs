@@ -126,7 +126,12 @@ impl Claims {
     }
 
     pub fn service_account(&self) -> Option<&str> {
-        self.kubernetes.as_ref()?.serviceaccount.as_ref()?.name.as_deref()
+        self.kubernetes
+            .as_ref()?
+            .serviceaccount
+            .as_ref()?
+            .name
+            .as_deref()
     }
 
     pub fn pod_name(&self) -> Option<&str> {
@@ -187,9 +192,15 @@ mod tests {
             assert_eq!(Claims::parse(bad), Err(TokenError::NotJwt), "{bad:?}");
         }
         let not_json = format!("a.{}.c", URL_SAFE_NO_PAD.encode("nope"));
-        assert!(matches!(Claims::parse(&not_json), Err(TokenError::BadClaims(_))));
+        assert!(matches!(
+            Claims::parse(&not_json),
+            Err(TokenError::BadClaims(_))
+        ));
         let no_exp = unsigned_token(&json!({"aud": AUDIENCE}));
-        assert!(matches!(Claims::parse(&no_exp), Err(TokenError::BadClaims(_))));
+        assert!(matches!(
+            Claims::parse(&no_exp),
+            Err(TokenError::BadClaims(_))
+        ));
     }
 
     #[test]

@@ -1,1 +1,89 @@
-fn main() {}
+//! Scripted work for the workspace: `cargo xtask setup | test | demo`.
+
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "Scripted work for the eks-pod-identity-agent workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain pieces and tools the build and tests need (idempotent).
+    Setup,
+    /// Setup, build the agent, run every test, clippy and rustfmt (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test --workspace` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and run the end-to-end demo (needs root).
+    Demo {
+        /// Extra arguments passed to the demo binary (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test { args } => test(&args),
+        Command::Demo { args } => demo(&args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    util::require_root("the end-to-end tests create network namespaces, links and cgroups")?;
+    setup::run()?;
+    let agent = util::build_agent(&[])?;
+    let env = [("EKS_POD_IDENTITY_AGENT_BIN", agent.as_os_str())];
+    let mut test_args = vec!["test", "--workspace"];
+    if !args.is_empty() {
+        test_args.push("--");
+        test_args.extend(args.iter().map(String::as_str));
+    }
+    util::cargo(&test_args, &env)?;
+    util::cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &env,
+    )?;
+    util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
+    println!("xtask test: all passed");
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    util::require_root("the demo creates network namespaces, links and cgroups")?;
+    setup::run()?;
+    let agent = util::build_agent(&["-p", "e2e"])?;
+    let demo = util::target_dir().join("debug").join("demo");
+    println!("==> {}", demo.display());
+    let status = std::process::Command::new(&demo)
+        .args(args)
+        .env("EKS_POD_IDENTITY_AGENT_BIN", &agent)
+        .current_dir(util::workspace_root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", demo.display()))?;
+    std::process::exit(util::exit_code(status));
+}

@@ -23,9 +23,9 @@ use rand::Rng as _;
 
 use super::{ErrorClass, Issued, Retriever, UpstreamError};
 use crate::clock::Clock;
-use crate::token::Claims;
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
+use crate::token::Claims;
 
 /// How a request was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +174,11 @@ impl<R: Retriever> CredentialCache<R> {
             entries.invalidate(token).await;
             return None;
         }
-        self.inner.metrics.cache_state.with_label_values(&["hit"]).inc();
+        self.inner
+            .metrics
+            .cache_state
+            .with_label_values(&["hit"])
+            .inc();
         Some(Served {
             issued,
             lookup: Lookup::Hit,
@@ -184,10 +188,17 @@ impl<R: Retriever> CredentialCache<R> {
 
     /// Credentials for a token [`Self::lookup`] did not find, from one upstream call shared by
     /// every concurrent request for the token.
-    pub async fn fetch(&self, token: &str, claims: Arc<Claims>) -> Result<Served, Arc<UpstreamError>> {
+    pub async fn fetch(
+        &self,
+        token: &str,
+        claims: Arc<Claims>,
+    ) -> Result<Served, Arc<UpstreamError>> {
         let inner = &self.inner;
         let Some(entries) = &inner.entries else {
-            let issued = inner.call_upstream(token, "fetch").await.map_err(Arc::new)?;
+            let issued = inner
+                .call_upstream(token, "fetch")
+                .await
+                .map_err(Arc::new)?;
             inner.metrics.cache_state.with_label_values(&["miss"]).inc();
             return Ok(Served {
                 issued: Arc::new(issued),
@@ -217,7 +228,11 @@ impl<R: Retriever> CredentialCache<R> {
         } else {
             Lookup::Coalesced
         };
-        inner.metrics.cache_state.with_label_values(&[lookup.as_str()]).inc();
+        inner
+            .metrics
+            .cache_state
+            .with_label_values(&[lookup.as_str()])
+            .inc();
         Ok(Served {
             issued: entry.issued(),
             lookup,
@@ -226,7 +241,11 @@ impl<R: Retriever> CredentialCache<R> {
     }
 
     /// [`Self::lookup`], then [`Self::fetch`] with the claims `claims` gives.
-    pub async fn get(&self, token: &str, claims: impl FnOnce() -> Arc<Claims>) -> Result<Served, Arc<UpstreamError>> {
+    pub async fn get(
+        &self,
+        token: &str,
+        claims: impl FnOnce() -> Arc<Claims>,
+    ) -> Result<Served, Arc<UpstreamError>> {
         match self.lookup(token).await {
             Some(served) => Ok(served),
             None => self.fetch(token, claims()).await,
@@ -266,7 +285,11 @@ impl<R: Retriever> Inner<R> {
     }
 
     /// One upstream call, measured.
-    async fn call_upstream(&self, token: &str, kind: &'static str) -> Result<Issued, UpstreamError> {
+    async fn call_upstream(
+        &self,
+        token: &str,
+        kind: &'static str,
+    ) -> Result<Issued, UpstreamError> {
         let in_flight = &self.metrics.upstream_in_flight;
         in_flight.inc();
         let started = tokio::time::Instant::now();
@@ -282,7 +305,10 @@ impl<R: Retriever> Inner<R> {
             .with_label_values(&[outcome])
             .observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            self.metrics.cache_errors.with_label_values(&[kind, &e.code]).inc();
+            self.metrics
+                .cache_errors
+                .with_label_values(&[kind, &e.code])
+                .inc();
         }
         result
     }
@@ -350,7 +376,11 @@ async fn renew<R: Retriever>(inner: Weak<Inner<R>>, entry: Weak<Entry>) {
             tracing::info!(
                 namespace = entry.claims.namespace(),
                 service_account = entry.claims.service_account(),
-                reason = if token_expired { "token expired" } else { "owner gone" },
+                reason = if token_expired {
+                    "token expired"
+                } else {
+                    "owner gone"
+                },
                 "cached credentials no longer renewed"
             );
             inner.evict(&entry).await;
@@ -361,7 +391,11 @@ async fn renew<R: Retriever>(inner: Weak<Inner<R>>, entry: Weak<Entry>) {
             Ok(issued) => {
                 delay = inner.renewal_delay(&issued);
                 entry.issued.store(Arc::new(issued));
-                inner.metrics.cache_state.with_label_values(&["refresh"]).inc();
+                inner
+                    .metrics
+                    .cache_state
+                    .with_label_values(&["refresh"])
+                    .inc();
                 failures = 0;
             }
             Err(e) if e.class() == ErrorClass::Permanent => {

@@ -11,8 +11,8 @@ use aws_config::identity::IdentityCache;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_credential_types::provider::{self, ProvideCredentials};
-use aws_sdk_eksauth::error::{ProvideErrorMetadata as _, SdkError};
 use aws_sdk_eksauth::config::http::HttpResponse;
+use aws_sdk_eksauth::error::{ProvideErrorMetadata as _, SdkError};
 use aws_sdk_eksauth::operation::assume_role_for_pod_identity::{
     AssumeRoleForPodIdentityError, AssumeRoleForPodIdentityOutput,
 };
@@ -38,7 +38,10 @@ pub struct EksAuth {
 
 impl EksAuth {
     /// Loads the agent's own AWS configuration and builds the client.
-    pub async fn new(cluster_name: String, cfg: &UpstreamConfig) -> Result<Self, EksAuthSetupError> {
+    pub async fn new(
+        cluster_name: String,
+        cfg: &UpstreamConfig,
+    ) -> Result<Self, EksAuthSetupError> {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(cfg.connect_timeout)
             .operation_attempt_timeout(cfg.attempt_timeout)
@@ -96,17 +99,24 @@ fn upstream_error(err: SdkError<AssumeRoleForPodIdentityError, HttpResponse>) ->
                 e.message().unwrap_or("EKS Auth returned an error"),
             )
         }
-        SdkError::TimeoutError(_) => UpstreamError::new(504, "Timeout", "EKS Auth did not answer in time"),
+        SdkError::TimeoutError(_) => {
+            UpstreamError::new(504, "Timeout", "EKS Auth did not answer in time")
+        }
         SdkError::DispatchFailure(_) => UpstreamError::new(
             503,
             "Unreachable",
             format!("EKS Auth could not be reached: {}", source_chain(&err)),
         ),
-        SdkError::ResponseError(_) => UpstreamError::new(502, "BadResponse", "EKS Auth's answer was not readable"),
+        SdkError::ResponseError(_) => {
+            UpstreamError::new(502, "BadResponse", "EKS Auth's answer was not readable")
+        }
         SdkError::ConstructionFailure(_) => UpstreamError::new(
             500,
             "RequestNotSigned",
-            format!("the request to EKS Auth could not be built: {}", source_chain(&err)),
+            format!(
+                "the request to EKS Auth could not be built: {}",
+                source_chain(&err)
+            ),
         ),
         _ => UpstreamError::new(500, err.code().unwrap_or("UnknownError"), err.to_string()),
     }
@@ -126,9 +136,17 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 
 /// The answer, checked: all members present, expiration representable.
 fn issued_from(out: &AssumeRoleForPodIdentityOutput) -> Result<Issued, UpstreamError> {
-    let missing = |what: &str| UpstreamError::new(502, "BadResponse", format!("EKS Auth's answer has no {what}"));
+    let missing = |what: &str| {
+        UpstreamError::new(
+            502,
+            "BadResponse",
+            format!("EKS Auth's answer has no {what}"),
+        )
+    };
     let creds = out.credentials().ok_or_else(|| missing("credentials"))?;
-    let user = out.assumed_role_user().ok_or_else(|| missing("assumedRoleUser"))?;
+    let user = out
+        .assumed_role_user()
+        .ok_or_else(|| missing("assumedRoleUser"))?;
     let expiration = SystemTime::try_from(*creds.expiration())
         .map_err(|_| missing("usable credentials.expiration"))?;
     let subject = out.subject();
@@ -142,10 +160,16 @@ fn issued_from(out: &AssumeRoleForPodIdentityOutput) -> Result<Issued, UpstreamE
             expiration,
         },
         Association {
-            namespace: subject.map(|s| s.namespace().to_owned()).unwrap_or_default(),
-            service_account: subject.map(|s| s.service_account().to_owned()).unwrap_or_default(),
+            namespace: subject
+                .map(|s| s.namespace().to_owned())
+                .unwrap_or_default(),
+            service_account: subject
+                .map(|s| s.service_account().to_owned())
+                .unwrap_or_default(),
             role_arn: role_arn(user.arn()),
-            association_id: association.map(|a| a.association_id().to_owned()).unwrap_or_default(),
+            association_id: association
+                .map(|a| a.association_id().to_owned())
+                .unwrap_or_default(),
         },
     ))
 }
@@ -168,7 +192,10 @@ fn role_arn(assumed_role_arn: &str) -> String {
     ) else {
         return String::new();
     };
-    match resource.strip_prefix("assumed-role/").and_then(|r| r.split('/').next()) {
+    match resource
+        .strip_prefix("assumed-role/")
+        .and_then(|r| r.split('/').next())
+    {
         Some(role) => format!("arn:{partition}:iam::{account}:role/{role}"),
         None => String::new(),
     }

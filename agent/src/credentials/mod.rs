@@ -29,7 +29,10 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
             .field("account_id", &self.account_id)
-            .field("expiration", &humantime::format_rfc3339_seconds(self.expiration))
+            .field(
+                "expiration",
+                &humantime::format_rfc3339_seconds(self.expiration),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +118,9 @@ mod tests {
             })
         );
         let debug = format!("{c:?}");
-        assert!(!debug.contains("s3cr3t") && !debug.contains("t0k"), "{debug}");
+        assert!(
+            !debug.contains("s3cr3t") && !debug.contains("t0k"),
+            "{debug}"
+        );
     }
 }

@@ -60,15 +60,23 @@ mod tests {
     #[test]
     fn permanent_and_transient_codes() {
         for code in [
-            "AccessDeniedException", "ExpiredTokenException", "InvalidParameterException",
-            "InvalidRequestException", "InvalidTokenException", "ResourceNotFoundException",
+            "AccessDeniedException",
+            "ExpiredTokenException",
+            "InvalidParameterException",
+            "InvalidRequestException",
+            "InvalidTokenException",
+            "ResourceNotFoundException",
             "InvalidToken",
         ] {
             assert_eq!(classify(code), ErrorClass::Permanent, "{code}");
         }
         for code in [
-            "ThrottlingException", "InternalServerException", "ServiceUnavailableException",
-            "Timeout", "Unreachable", "BadResponse",
+            "ThrottlingException",
+            "InternalServerException",
+            "ServiceUnavailableException",
+            "Timeout",
+            "Unreachable",
+            "BadResponse",
         ] {
             assert_eq!(classify(code), ErrorClass::Transient, "{code}");
         }

@@ -37,9 +37,13 @@ impl RequestError {
             RequestError::NotFound => StatusCode::NOT_FOUND,
             RequestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestError::ForbiddenHost | RequestError::Binding(_) => StatusCode::FORBIDDEN,
-            RequestError::Throttled | RequestError::PodThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RequestError::Throttled | RequestError::PodThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             RequestError::Token(_) => StatusCode::BAD_REQUEST,
-            RequestError::Upstream(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            RequestError::Upstream(e) => {
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 
@@ -76,18 +80,20 @@ impl RequestError {
 pub fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
 /// The success response: the credentials' pre-rendered JSON.
 pub fn credentials(body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -97,16 +103,29 @@ mod tests {
 
     #[test]
     fn statuses_and_headers() {
-        let upstream = RequestError::Upstream(Arc::new(UpstreamError::new(404, "ResourceNotFoundException", "no association")));
+        let upstream = RequestError::Upstream(Arc::new(UpstreamError::new(
+            404,
+            "ResourceNotFoundException",
+            "no association",
+        )));
         assert_eq!(upstream.status(), StatusCode::NOT_FOUND);
-        assert_eq!(upstream.to_string(), "(ResourceNotFoundException): no association");
+        assert_eq!(
+            upstream.to_string(),
+            "(ResourceNotFoundException): no association"
+        );
         assert_eq!(upstream.outcome(), "error");
         let r = RequestError::MethodNotAllowed.to_response();
         assert_eq!(r.headers()[header::ALLOW], "GET");
-        let r = RequestError::PodThrottled { retry_after: Duration::from_millis(1500) }.to_response();
+        let r = RequestError::PodThrottled {
+            retry_after: Duration::from_millis(1500),
+        }
+        .to_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
-        assert_eq!(RequestError::Token(TokenError::Expired).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            RequestError::Token(TokenError::Expired).status(),
+            StatusCode::BAD_REQUEST
+        );
         assert_eq!(RequestError::Binding("x".into()).outcome(), "denied");
     }
 }

@@ -7,9 +7,8 @@
 
 pub mod error;
 
-use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -22,7 +21,7 @@ use crate::clock::Clock;
 use crate::config::RateLimit;
 use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{ErrorClass, Issued, Retriever, UpstreamError};
-use crate::metrics::{Metrics, OTHER_NAMESPACE};
+use crate::metrics::{Metrics, NamespaceLabels};
 use crate::token::{Claims, TokenError};
 pub use error::RequestError;
 
@@ -46,7 +45,7 @@ pub struct Endpoint<R> {
     attribution: Arc<Attribution>,
     audit: Option<AuditLog>,
     metrics: Metrics,
-    namespaces: NamespaceLabels,
+    namespaces: Arc<NamespaceLabels>,
     clock: Clock,
 }
 
@@ -60,7 +59,7 @@ impl<R: Retriever> Endpoint<R> {
         attribution: Arc<Attribution>,
         audit: Option<AuditLog>,
         metrics: Metrics,
-        namespace_label_limit: usize,
+        namespaces: Arc<NamespaceLabels>,
         clock: Clock,
     ) -> Self {
         let global_limit = std::num::NonZeroU32::new(global_rate.per_second).map(|rate| {
@@ -74,7 +73,7 @@ impl<R: Retriever> Endpoint<R> {
             attribution,
             audit,
             metrics,
-            namespaces: NamespaceLabels::new(namespace_label_limit),
+            namespaces,
             clock,
         }
     }
@@ -90,16 +89,26 @@ impl<R: Retriever> Endpoint<R> {
         };
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
-        self.metrics.http_response.with_label_values(&[status_label(status)]).inc();
+        self.metrics
+            .http_response
+            .with_label_values(&[status_label(status)])
+            .inc();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         if req.uri().path() == CREDENTIALS_PATH {
-            let namespace = exchange.claims.as_deref().and_then(Claims::namespace);
+            let namespace = exchange
+                .claims
+                .as_deref()
+                .and_then(Claims::namespace)
+                .unwrap_or("");
             self.metrics
                 .requests_by_namespace
                 .with_label_values(&[&self.namespaces.label(namespace), status_label(status)])
                 .inc();
             if let Some(binding) = &exchange.binding {
-                self.metrics.binding.with_label_values(&[binding.as_str()]).inc();
+                self.metrics
+                    .binding
+                    .with_label_values(&[binding.as_str()])
+                    .inc();
             }
             if let Err(e) = &result {
                 tracing::info!(peer = %caller.peer, status, reason = %e, "credential request refused");
@@ -111,7 +120,12 @@ impl<R: Retriever> Endpoint<R> {
         response
     }
 
-    async fn serve<B>(&self, req: &Request<B>, caller: &Caller, ex: &mut Exchange) -> Result<Bytes, RequestError> {
+    async fn serve<B>(
+        &self,
+        req: &Request<B>,
+        caller: &Caller,
+        ex: &mut Exchange,
+    ) -> Result<Bytes, RequestError> {
         if req.uri().path() != CREDENTIALS_PATH {
             return Err(RequestError::NotFound);
         }
@@ -121,7 +135,11 @@ impl<R: Retriever> Endpoint<R> {
         if !self.host_allowed(req.headers().get(header::HOST)) {
             return Err(RequestError::ForbiddenHost);
         }
-        if self.global_limit.as_ref().is_some_and(|l| l.check().is_err()) {
+        if self
+            .global_limit
+            .as_ref()
+            .is_some_and(|l| l.check().is_err())
+        {
             return Err(RequestError::Throttled);
         }
         let token = req
@@ -173,7 +191,13 @@ impl<R: Retriever> Endpoint<R> {
     /// Token rotation during an EKS Auth outage: when the kernel shows the caller is the pod the
     /// new token names, and a cached entry verified upstream belongs to that pod and service
     /// account, serve it rather than fail.
-    fn rotation_fallback(&self, err: &UpstreamError, claims: &Claims, caller: &Caller, binding: &Binding) -> Option<Served> {
+    fn rotation_fallback(
+        &self,
+        err: &UpstreamError,
+        claims: &Claims,
+        caller: &Caller,
+        binding: &Binding,
+    ) -> Option<Served> {
         if err.class() != ErrorClass::Transient || *binding != Binding::Match {
             return None;
         }
@@ -239,8 +263,12 @@ impl<R: Retriever> Endpoint<R> {
                 jti: c.jti.clone(),
             }),
             binding: ex.binding.as_ref().map_or("off", Binding::as_str),
-            role_arn: association.map(|a| a.role_arn.clone()).filter(|s| !s.is_empty()),
-            association_id: association.map(|a| a.association_id.clone()).filter(|s| !s.is_empty()),
+            role_arn: association
+                .map(|a| a.role_arn.clone())
+                .filter(|s| !s.is_empty()),
+            association_id: association
+                .map(|a| a.association_id.clone())
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -250,7 +278,10 @@ impl<R: Retriever> Endpoint<R> {
 pub fn host_ip(host: &str) -> Option<IpAddr> {
     if let Some(rest) = host.strip_prefix('[') {
         let (ip, after) = rest.split_once(']')?;
-        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok());
         return if port_ok { ip.parse().ok() } else { None };
     }
     if let Ok(ip) = host.parse() {
@@ -275,41 +306,6 @@ fn status_label(status: u16) -> &'static str {
         503 => "503",
         504 => "504",
         _ => "other",
-    }
-}
-
-/// Namespace label values, at most `limit` distinct ones; later namespaces count as `other`.
-struct NamespaceLabels {
-    seen: RwLock<HashSet<Arc<str>>>,
-    limit: usize,
-}
-
-impl NamespaceLabels {
-    fn new(limit: usize) -> Self {
-        NamespaceLabels {
-            seen: RwLock::new(HashSet::new()),
-            limit,
-        }
-    }
-
-    fn label(&self, namespace: Option<&str>) -> Arc<str> {
-        let Some(ns) = namespace else {
-            return Arc::from("");
-        };
-        if let Ok(seen) = self.seen.read()
-            && let Some(known) = seen.get(ns)
-        {
-            return known.clone();
-        }
-        let Ok(mut seen) = self.seen.write() else {
-            return Arc::from(OTHER_NAMESPACE);
-        };
-        if seen.len() >= self.limit {
-            return Arc::from(OTHER_NAMESPACE);
-        }
-        let label: Arc<str> = Arc::from(ns);
-        seen.insert(label.clone());
-        label
     }
 }
 

@@ -45,7 +45,11 @@ impl Retriever for Arc<Upstream> {
     }
 }
 
-fn endpoint(up: &Arc<Upstream>, attribution: Attribution, global: RateLimit) -> Endpoint<Arc<Upstream>> {
+fn endpoint(
+    up: &Arc<Upstream>,
+    attribution: Attribution,
+    global: RateLimit,
+) -> Endpoint<Arc<Upstream>> {
     let metrics = Metrics::new().unwrap();
     let cache = CredentialCache::new(
         up.clone(),
@@ -64,18 +68,24 @@ fn endpoint(up: &Arc<Upstream>, attribution: Attribution, global: RateLimit) -> 
     );
     Endpoint::new(
         cache,
-        vec!["169.254.170.23".parse().unwrap(), "fd00:ec2::23".parse().unwrap()],
+        vec![
+            "169.254.170.23".parse().unwrap(),
+            "fd00:ec2::23".parse().unwrap(),
+        ],
         global,
         Arc::new(attribution),
         None,
         metrics,
-        10,
+        Arc::new(NamespaceLabels::new(10)),
         Clock::System,
     )
 }
 
 fn no_limit() -> RateLimit {
-    RateLimit { per_second: 0, burst: 0 }
+    RateLimit {
+        per_second: 0,
+        burst: 0,
+    }
 }
 
 fn token(pod: &str, sa: &str, jti: &str) -> String {
@@ -89,7 +99,10 @@ fn token(pod: &str, sa: &str, jti: &str) -> String {
 }
 
 fn request(method: &str, path: &str, host: &str, auth: Option<&str>) -> Request<()> {
-    let mut b = Request::builder().method(method).uri(path).header("host", host);
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
     if let Some(auth) = auth {
         b = b.header("authorization", auth);
     }
@@ -103,11 +116,22 @@ fn anonymous() -> Caller {
 fn pod_caller(pod: &str) -> Caller {
     Caller {
         peer: "169.254.200.1:40000".parse().unwrap(),
-        process: Some(crate::ebpf::Caller { cgroup_id: 9, pid: 42, tid: 42, uid: 0, comm: "python3".into(), netns_cookie: 0 }),
+        process: Some(crate::ebpf::Caller {
+            cgroup_id: 9,
+            pid: 42,
+            tid: 42,
+            uid: 0,
+            comm: "python3".into(),
+            netns_cookie: 0,
+        }),
         cgroup: Some(Arc::new(CgroupInfo {
             id: 9,
             path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
-            pod: Some(PodCgroup { pod_uid: pod.into(), container_id: Some("x".into()), qos: Qos::Burstable }),
+            pod: Some(PodCgroup {
+                pod_uid: pod.into(),
+                container_id: Some("x".into()),
+                qos: Qos::Burstable,
+            }),
         })),
     }
 }
@@ -124,12 +148,22 @@ async fn serves_credentials_then_hits_the_cache() {
     let up = Arc::new(Upstream::default());
     let e = endpoint(&up, Attribution::off(), no_limit());
     let t = token(POD, "cart", "j1");
-    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await;
+    let (status, body) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+        &anonymous(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["AccessKeyId"], "ASIA1");
     assert!(v["Expiration"].as_str().unwrap().ends_with('Z'));
-    let (status, _) = send(&e, request("GET", CREDENTIALS_PATH, "[fd00:ec2::23]:80", Some(&t)), &anonymous()).await;
+    let (status, _) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "[fd00:ec2::23]:80", Some(&t)),
+        &anonymous(),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(up.calls.load(Ordering::SeqCst), 1);
 }
@@ -140,27 +174,101 @@ async fn bad_requests_get_their_status() {
     let e = endpoint(&up, Attribution::off(), no_limit());
     let t = token(POD, "cart", "j1");
     let c = anonymous();
-    assert_eq!(send(&e, request("GET", "/v1/other", "169.254.170.23", Some(&t)), &c).await.0, 404);
-    assert_eq!(send(&e, request("POST", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &c).await.0, 405);
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "example.com", Some(&t)), &c).await.0, 403);
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.2", Some(&t)), &c).await.0, 403);
-    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", None), &c).await;
-    assert_eq!((status, body.as_str()), (400, "no token in the Authorization header"));
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some("garbage")), &c).await.0, 400);
+    assert_eq!(
+        send(
+            &e,
+            request("GET", "/v1/other", "169.254.170.23", Some(&t)),
+            &c
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        send(
+            &e,
+            request("POST", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+            &c
+        )
+        .await
+        .0,
+        405
+    );
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "example.com", Some(&t)),
+            &c
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.2", Some(&t)),
+            &c
+        )
+        .await
+        .0,
+        403
+    );
+    let (status, body) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", None),
+        &c,
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (400, "no token in the Authorization header")
+    );
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some("garbage")),
+            &c
+        )
+        .await
+        .0,
+        400
+    );
     let expired = unsigned_token(&json!({"aud": "pods.eks.amazonaws.com", "exp": 1000}));
-    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&expired)), &c).await;
+    let (status, body) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&expired)),
+        &c,
+    )
+    .await;
     assert_eq!((status, body.as_str()), (400, "the token has expired"));
-    assert_eq!(up.calls.load(Ordering::SeqCst), 0, "no bad request reached upstream");
+    assert_eq!(
+        up.calls.load(Ordering::SeqCst),
+        0,
+        "no bad request reached upstream"
+    );
 }
 
 #[tokio::test]
 async fn upstream_errors_keep_their_status_and_code() {
     let up = Arc::new(Upstream::default());
     let e = endpoint(&up, Attribution::off(), no_limit());
-    for (status, code) in [(400, "InvalidTokenException"), (404, "ResourceNotFoundException"), (429, "ThrottlingException")] {
-        up.script.lock().unwrap().push_back(UpstreamError::new(status, code, "said upstream"));
+    for (status, code) in [
+        (400, "InvalidTokenException"),
+        (404, "ResourceNotFoundException"),
+        (429, "ThrottlingException"),
+    ] {
+        up.script
+            .lock()
+            .unwrap()
+            .push_back(UpstreamError::new(status, code, "said upstream"));
         let t = token(POD, "cart", code);
-        let got = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await;
+        let got = send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+            &anonymous(),
+        )
+        .await;
         assert_eq!(got, (status, format!("({code}): said upstream")));
     }
 }
@@ -171,11 +279,34 @@ async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() 
     let policy = Attribution::new(None, None, TokenBinding::Enforce, None, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let t = token(POD, "cart", "j1");
-    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &pod_caller("another-pod")).await;
+    let (status, body) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+        &pod_caller("another-pod"),
+    )
+    .await;
     assert_eq!(status, 403);
     assert!(body.contains("another-pod"), "{body}");
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await.0, 403);
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &pod_caller(POD)).await.0, 200);
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+            &anonymous()
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+            &pod_caller(POD)
+        )
+        .await
+        .0,
+        200
+    );
 }
 
 #[tokio::test]
@@ -184,7 +315,12 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
     let policy = Attribution::new(None, None, TokenBinding::Audit, None, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let old = token(POD, "cart", "old");
-    let (status, first) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&old)), &pod_caller(POD)).await;
+    let (status, first) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&old)),
+        &pod_caller(POD),
+    )
+    .await;
     assert_eq!(status, 200);
     up.script.lock().unwrap().extend([
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
@@ -192,23 +328,61 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
     ]);
     let new = token(POD, "cart", "new");
-    let (status, body) = send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new)), &pod_caller(POD)).await;
+    let (status, body) = send(
+        &e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new)),
+        &pod_caller(POD),
+    )
+    .await;
     assert_eq!((status, &body), (200, &first));
     // Not for another service account of the pod, nor for a caller the kernel does not place in it.
     let other_sa = token(POD, "admin", "new2");
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&other_sa)), &pod_caller(POD)).await.0, 503);
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&other_sa)),
+            &pod_caller(POD)
+        )
+        .await
+        .0,
+        503
+    );
     let new3 = token(POD, "cart", "new3");
-    assert_eq!(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new3)), &anonymous()).await.0, 503);
+    assert_eq!(
+        send(
+            &e,
+            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new3)),
+            &anonymous()
+        )
+        .await
+        .0,
+        503
+    );
 }
 
 #[tokio::test]
 async fn the_node_wide_limit_answers_429() {
     let up = Arc::new(Upstream::default());
-    let e = endpoint(&up, Attribution::off(), RateLimit { per_second: 1, burst: 2 });
+    let e = endpoint(
+        &up,
+        Attribution::off(),
+        RateLimit {
+            per_second: 1,
+            burst: 2,
+        },
+    );
     let t = token(POD, "cart", "j1");
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(send(&e, request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)), &anonymous()).await.0);
+        statuses.push(
+            send(
+                &e,
+                request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
+                &anonymous(),
+            )
+            .await
+            .0,
+        );
     }
     assert_eq!(statuses, [200, 200, 429]);
 }
@@ -228,13 +402,4 @@ fn host_header_forms() {
     ] {
         assert_eq!(host_ip(host), ip.map(|i| i.parse().unwrap()), "{host:?}");
     }
-}
-
-#[test]
-fn namespace_labels_are_bounded() {
-    let labels = NamespaceLabels::new(2);
-    assert_eq!(&*labels.label(Some("a")), "a");
-    assert_eq!(&*labels.label(Some("b")), "b");
-    assert_eq!(&*labels.label(Some("c")), OTHER_NAMESPACE);
-    assert_eq!(&*labels.label(Some("a")), "a");
 }

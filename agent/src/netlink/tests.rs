@@ -21,7 +21,11 @@ struct FakeKernel {
 fn errno(call: &'static str, errno: i32) -> NetlinkError {
     let mut msg = ErrorMessage::default();
     msg.code = NonZeroI32::new(-errno);
-    NetlinkError::Call { call, subject: "test".into(), source: rtnetlink::Error::NetlinkError(msg) }
+    NetlinkError::Call {
+        call,
+        subject: "test".into(),
+        source: rtnetlink::Error::NetlinkError(msg),
+    }
 }
 
 impl Rtnetlink for FakeKernel {
@@ -51,7 +55,13 @@ impl Rtnetlink for FakeKernel {
         Ok(())
     }
     async fn host_routes(&self, address: IpAddr) -> Result<Vec<u32>, NetlinkError> {
-        Ok(self.routes.borrow().iter().filter(|(_, a)| *a == address).map(|(i, _)| *i).collect())
+        Ok(self
+            .routes
+            .borrow()
+            .iter()
+            .filter(|(_, a)| *a == address)
+            .map(|(i, _)| *i)
+            .collect())
     }
     async fn replace_host_route(&self, index: u32, address: IpAddr) -> Result<(), NetlinkError> {
         let mut routes = self.routes.borrow_mut();
@@ -73,7 +83,14 @@ fn config() -> InitializeConfig {
 async fn creates_a_dummy_link_with_both_addresses_and_routes() {
     let k = FakeKernel::default();
     let done = initialize_with(&k, &config()).await.unwrap();
-    assert_eq!(done, Initialized { index: 10, created: Some(LinkKind::Dummy), ipv6: true });
+    assert_eq!(
+        done,
+        Initialized {
+            index: 10,
+            created: Some(LinkKind::Dummy),
+            ipv6: true
+        }
+    );
     assert_eq!(k.up.borrow().as_slice(), &[10]);
     let v4 = IpAddr::V4(crate::cli::AGENT_IPV4);
     let v6 = IpAddr::V6(crate::cli::AGENT_IPV6);
@@ -83,7 +100,10 @@ async fn creates_a_dummy_link_with_both_addresses_and_routes() {
 
 #[tokio::test]
 async fn falls_back_to_ifb_without_the_dummy_driver() {
-    let k = FakeKernel { no_dummy: true, ..FakeKernel::default() };
+    let k = FakeKernel {
+        no_dummy: true,
+        ..FakeKernel::default()
+    };
     let done = initialize_with(&k, &config()).await.unwrap();
     assert_eq!(done.created, Some(LinkKind::Ifb));
     assert_eq!(k.links.borrow()["pod-id-link0"].1, LinkKind::Ifb);
@@ -102,7 +122,10 @@ async fn is_idempotent() {
 
 #[tokio::test]
 async fn ipv6_is_optional() {
-    let k = FakeKernel { no_ipv6: true, ..FakeKernel::default() };
+    let k = FakeKernel {
+        no_ipv6: true,
+        ..FakeKernel::default()
+    };
     let done = initialize_with(&k, &config()).await.unwrap();
     assert!(!done.ipv6);
     assert_eq!(k.addresses.borrow().len(), 1);
@@ -111,8 +134,13 @@ async fn ipv6_is_optional() {
 #[tokio::test]
 async fn a_route_on_another_link_is_a_clear_error() {
     let k = FakeKernel::default();
-    k.routes.borrow_mut().push((3, IpAddr::V4(crate::cli::AGENT_IPV4)));
+    k.routes
+        .borrow_mut()
+        .push((3, IpAddr::V4(crate::cli::AGENT_IPV4)));
     let err = initialize_with(&k, &config()).await.unwrap_err();
-    assert!(matches!(err, NetlinkError::RouteConflict { other_link: 3, .. }), "{err}");
+    assert!(
+        matches!(err, NetlinkError::RouteConflict { other_link: 3, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("169.254.170.23"), "{err}");
 }

@@ -32,7 +32,10 @@ impl Upstream {
     }
 
     fn fail_next(&self, code: &str, status: u16) {
-        self.script.lock().unwrap().push_back(UpstreamError::new(status, code, "scripted"));
+        self.script
+            .lock()
+            .unwrap()
+            .push_back(UpstreamError::new(status, code, "scripted"));
     }
 }
 
@@ -68,8 +71,18 @@ fn config(max_entries: u64) -> CacheConfig {
     }
 }
 
-fn cache(upstream: &Arc<Upstream>, config: CacheConfig, keep: Option<KeepPredicate>) -> CredentialCache<Arc<Upstream>> {
-    CredentialCache::new(upstream.clone(), config, upstream.clock, Metrics::new().unwrap(), keep)
+fn cache(
+    upstream: &Arc<Upstream>,
+    config: CacheConfig,
+    keep: Option<KeepPredicate>,
+) -> CredentialCache<Arc<Upstream>> {
+    CredentialCache::new(
+        upstream.clone(),
+        config,
+        upstream.clock,
+        Metrics::new().unwrap(),
+        keep,
+    )
 }
 
 /// Claims of a token that lives a day.
@@ -82,12 +95,18 @@ fn subject() -> Arc<Claims> {
 
 async fn key_id(cache: &CredentialCache<Arc<Upstream>>, token: &str) -> (String, Lookup) {
     let served = cache.get(token, subject).await.unwrap();
-    (served.issued.credentials.access_key_id.clone(), served.lookup)
+    (
+        served.issued.credentials.access_key_id.clone(),
+        served.lookup,
+    )
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_second_request_is_a_hit_without_an_upstream_call() {
-    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(6 * 3600));
+    let up = Upstream::new(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(6 * 3600),
+    );
     let cache = cache(&up, config(10), None);
     assert_eq!(key_id(&cache, "t1").await, ("ASIA1".into(), Lookup::Miss));
     assert_eq!(key_id(&cache, "t1").await, ("ASIA1".into(), Lookup::Hit));
@@ -98,7 +117,10 @@ async fn a_second_request_is_a_hit_without_an_upstream_call() {
 
 #[tokio::test(start_paused = true)]
 async fn fifty_concurrent_cold_requests_make_one_upstream_call() {
-    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(6 * 3600));
+    let up = Upstream::new(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(6 * 3600),
+    );
     let cache = cache(&up, config(10), None);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -114,7 +136,10 @@ async fn fifty_concurrent_cold_requests_make_one_upstream_call() {
     }
     assert_eq!(up.calls(), 1);
     assert_eq!(lookups.iter().filter(|l| **l == Lookup::Miss).count(), 1);
-    assert_eq!(lookups.iter().filter(|l| **l == Lookup::Coalesced).count(), 49);
+    assert_eq!(
+        lookups.iter().filter(|l| **l == Lookup::Coalesced).count(),
+        49
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -145,7 +170,10 @@ async fn entries_are_renewed_before_expiry_and_the_new_credentials_served() {
 
 #[tokio::test(start_paused = true)]
 async fn retention_limit_renews_long_lived_credentials() {
-    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(12 * 3600));
+    let up = Upstream::new(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(12 * 3600),
+    );
     let mut cfg = config(10);
     cfg.max_retention = Duration::from_secs(600);
     cfg.renewal_jitter = Duration::ZERO;
@@ -168,7 +196,11 @@ async fn transient_renewal_failures_keep_the_old_credentials_and_retry() {
     up.fail_next("ThrottlingException", 429);
     tokio::time::sleep(Duration::from_secs(30 * 60 + 1)).await;
     assert_eq!(up.calls(), 2, "renewal attempted");
-    assert_eq!(key_id(&cache, "t").await, ("ASIA1".into(), Lookup::Hit), "old credentials kept");
+    assert_eq!(
+        key_id(&cache, "t").await,
+        ("ASIA1".into(), Lookup::Hit),
+        "old credentials kept"
+    );
     // Backoff 2 s, then 4 s: the third renewal attempt succeeds.
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(up.calls(), 4);
@@ -206,7 +238,10 @@ async fn credentials_with_less_than_fifteen_seconds_are_never_served() {
 
 #[tokio::test(start_paused = true)]
 async fn least_recently_used_entries_go_first() {
-    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(6 * 3600));
+    let up = Upstream::new(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(6 * 3600),
+    );
     let cache = cache(&up, config(2), None);
     // Moka applies reads to its LRU order in batches: let each step land before the next.
     key_id(&cache, "a").await;
@@ -252,7 +287,12 @@ async fn entries_of_expired_tokens_are_not_renewed() {
     let cache = cache(&up, config(10), None);
     let exp = clock.unix_now() + 600;
     cache
-        .get("t", || Arc::new(Claims { exp, ..Claims::default() }))
+        .get("t", || {
+            Arc::new(Claims {
+                exp,
+                ..Claims::default()
+            })
+        })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;

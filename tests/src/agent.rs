@@ -1,0 +1,305 @@
+//! The agent under test, run inside a [`SimNode`]'s network namespace.
+//!
+//! [`AgentProcess::start`] runs `<bin> initialize` (which creates `pod-id-link0` and the agent's addresses)
+//! and then `<bin> server …` with `ip netns exec <node>`, the EKS Auth endpoint pointing at a
+//! [`FakeEksAuth`] listening on the node's loopback, logs captured to a file, and waits for `/readyz`.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::clients::{RawResponse, http_get_in};
+use crate::fake_eks_auth::FakeEksAuth;
+use crate::netns::NetNs;
+use crate::node::SimNode;
+
+/// The agent binary: `$EKS_POD_IDENTITY_AGENT_BIN`, else `target/debug/eks-pod-identity-agent`.
+pub fn agent_bin() -> Result<PathBuf> {
+    crate::locate_binary(
+        "EKS_POD_IDENTITY_AGENT_BIN",
+        "eks-pod-identity-agent",
+        "run `cargo build -p eks-pod-identity-agent` first",
+    )
+}
+
+/// Starts a fake EKS Auth for `cluster` listening on `127.0.0.1:<ephemeral>` inside `netns`.
+pub fn start_fake_eks_auth_in(netns: &NetNs, cluster: &str) -> Result<FakeEksAuth> {
+    let listener = netns
+        .run(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?
+        .context("binding the fake EKS Auth inside the node")?;
+    FakeEksAuth::start(listener, cluster)
+}
+
+/// How to run the agent's `server`.
+#[derive(Debug, Clone)]
+pub struct AgentArgs {
+    /// `--probe-port` (the node namespace is private, so the default port never collides).
+    pub probe_port: u16,
+    /// `--metrics-port`.
+    pub metrics_port: u16,
+    /// `--audit-log PATH`, if set.
+    pub audit_log: Option<PathBuf>,
+    /// Pass `--cgroup-root <node's test root>` (default true; off only to run the agent with the anchor's flags).
+    pub cgroup_root: bool,
+    /// Pass `--node-name <node name>` (default true).
+    pub node_name: bool,
+    /// Further arguments, appended last (e.g. `["--token-binding", "enforce", "-v", "debug"]`).
+    pub extra: Vec<String>,
+    /// Extra environment for the agent process (after the defaults, so they override them).
+    pub env: Vec<(String, String)>,
+    /// How long to wait for `/readyz`.
+    pub ready_timeout: Duration,
+}
+
+impl Default for AgentArgs {
+    fn default() -> Self {
+        Self {
+            probe_port: 2703,
+            metrics_port: 2705,
+            audit_log: None,
+            cgroup_root: true,
+            node_name: true,
+            extra: Vec::new(),
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl AgentArgs {
+    /// Appends arguments.
+    #[must_use]
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets `--audit-log`.
+    #[must_use]
+    pub fn audit_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.audit_log = Some(path.into());
+        self
+    }
+}
+
+static LOG_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running agent. `Drop` kills it (SIGKILL); [`AgentProcess::stop`] stops it gracefully.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Option<Child>,
+    node: SimNode,
+    log_path: PathBuf,
+    probe_port: u16,
+    metrics_port: u16,
+}
+
+impl AgentProcess {
+    /// Runs `initialize` then `server` inside the node, pointed at `fake`, and waits until `/readyz` is 200.
+    pub fn start(node: &SimNode, fake: &FakeEksAuth, args: AgentArgs) -> Result<Self> {
+        let bin = agent_bin()?;
+        let ns = node.netns().name();
+        let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log_path = node.dir().join(format!("agent-{n}.log"));
+
+        let init = base_command(ns, &bin, &args)
+            .arg("initialize")
+            .output()
+            .context("running `eks-pod-identity-agent initialize`")?;
+        if !init.status.success() {
+            bail!(
+                "`eks-pod-identity-agent initialize` failed ({}):\nstdout: {}\nstderr: {}",
+                init.status,
+                String::from_utf8_lossy(&init.stdout),
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .context("creating the agent log")?;
+        let mut cmd = base_command(ns, &bin, &args);
+        cmd.arg("server")
+            .args(["--cluster-name", fake.cluster()])
+            .args(["--endpoint", &fake.endpoint()])
+            .args(["--probe-port", &args.probe_port.to_string()])
+            .args(["--metrics-port", &args.metrics_port.to_string()]);
+        if args.cgroup_root {
+            cmd.arg("--cgroup-root").arg(node.cgroup_root());
+        }
+        if args.node_name {
+            cmd.args(["--node-name", node.name()]);
+        }
+        if let Some(audit) = &args.audit_log {
+            cmd.arg("--audit-log").arg(audit);
+        }
+        cmd.args(&args.extra)
+            .stdout(log.try_clone().context("cloning the log handle")?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .context("spawning `eks-pod-identity-agent server`")?;
+
+        let mut agent = Self {
+            child: Some(child),
+            node: node.clone(),
+            log_path,
+            probe_port: args.probe_port,
+            metrics_port: args.metrics_port,
+        };
+        agent.wait_ready(args.ready_timeout)?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited()? {
+                bail!(
+                    "the agent exited ({status}) before becoming ready; log tail:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            match self.probe("/readyz") {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => last = format!("/readyz answered {}: {}", r.status, r.body_text()),
+                Err(e) => last = format!("/readyz: {e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "the agent was not ready after {timeout:?} ({last}); log tail:\n{}",
+            self.log_tail(40)
+        )
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(child) => child
+                .try_wait()
+                .context("checking whether the agent exited"),
+            None => Ok(None),
+        }
+    }
+
+    /// GET `path` on the probe port (`127.0.0.1:<probe-port>` inside the node).
+    pub fn probe(&self, path: &str) -> Result<RawResponse> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.probe_port));
+        http_get_in(self.node.netns(), addr, path, Duration::from_secs(2))
+    }
+
+    /// GET `/metrics` on the metrics port inside the node; fails unless 200.
+    pub fn metrics(&self) -> Result<String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port));
+        let r = http_get_in(self.node.netns(), addr, "/metrics", Duration::from_secs(2))?;
+        if r.status != 200 {
+            bail!("/metrics answered {}: {}", r.status, r.body_text());
+        }
+        Ok(r.body_text())
+    }
+
+    /// The agent's pid.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent wrote to stdout and stderr so far (JSON log lines).
+    pub fn logs(&self) -> Result<String> {
+        std::fs::read_to_string(&self.log_path)
+            .with_context(|| format!("reading {}", self.log_path.display()))
+    }
+
+    /// The log's lines parsed as JSON (lines that are not JSON are skipped).
+    pub fn log_records(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(self
+            .logs()?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
+    /// The log file's path.
+    #[must_use]
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log_path
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let logs = self.logs().unwrap_or_default();
+        let all: Vec<&str> = logs.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Sends SIGTERM and waits (up to 10 s) for the agent to exit; returns its exit status.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the agent was already stopped")
+        };
+        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid")?);
+        kill(pid, Signal::SIGTERM).context("sending SIGTERM to the agent")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().context("waiting for the agent")? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the agent did not exit within 10 s of SIGTERM; log tail:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `nsenter --net=/run/netns/<ns> <bin>` with the agent's environment: test AWS credentials and
+/// region, IMDS off, and nothing else `AWS_*` from the test process.
+///
+/// Not `ip netns exec`: that remounts /sys in a private mount namespace, which hides the cgroup2
+/// mount the agent finds its cgroups (and attaches its programs) through. A host-network
+/// DaemonSet pod sees the node's cgroup mount, and so does the agent here.
+fn base_command(ns: &str, bin: &std::path::Path, args: &AgentArgs) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(bin)
+        .stdin(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("AWS_REGION", crate::fake_eks_auth::REGION)
+        .env("AWS_ACCESS_KEY_ID", "AKIAE2EAGENTTESTKEY0")
+        .env("AWS_SECRET_ACCESS_KEY", "e2e-agent-test-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd.envs(args.env.iter().map(|(k, v)| (k, v)));
+    cmd
+}

@@ -1,0 +1,206 @@
+//! `cargo xtask setup`: make a fresh Debian 12 machine (root, rustup with stable and a nightly,
+//! gcc, python3 with pip) able to build the eBPF programs and run the tests. Idempotent.
+
+use crate::util::{self, is_root, output};
+use anyhow::{Context, Result, anyhow, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "wrk", "hyperfine"];
+
+fn run_step(name: &str, manual: &str, step: impl FnOnce() -> Result<&'static str>) -> Result<()> {
+    match step() {
+        Ok(outcome) => {
+            println!("setup: {name}: {outcome}");
+            Ok(())
+        }
+        Err(err) => Err(err.context(format!(
+            "setup step `{name}` failed; to do it by hand: {manual}"
+        ))),
+    }
+}
+
+pub fn run() -> Result<()> {
+    run_step(
+        "nightly rust-src",
+        "rustup component add rust-src --toolchain nightly",
+        rust_src,
+    )?;
+    run_step(
+        "clippy and rustfmt",
+        "rustup component add clippy rustfmt",
+        lint_components,
+    )?;
+    run_step(
+        &format!("bpf-linker {BPF_LINKER_VERSION}"),
+        "see /work/shared/EBPF-NOTES.md: symlink $(rustc +nightly --print sysroot)/lib/libLLVM.so.* as \
+         <dir>/libLLVM.so, then LLVM_PREFIX=$(rustc +nightly --print sysroot) RUSTFLAGS=\"-L native=<dir>\" \
+         cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-<major>",
+        bpf_linker,
+    )?;
+    run_step(
+        &format!("Debian packages ({})", APT_PACKAGES.join(" ")),
+        &format!(
+            "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+            APT_PACKAGES.join(" ")
+        ),
+        apt_packages,
+    )?;
+    run_step(
+        "python botocore",
+        "python3 -m pip install --break-system-packages botocore",
+        botocore,
+    )?;
+    Ok(())
+}
+
+fn rust_src() -> Result<&'static str> {
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .ok_or_else(|| {
+        anyhow!(
+            "`rustup component list --toolchain nightly` failed: is a nightly toolchain installed?"
+        )
+    })?;
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        return Ok("already present");
+    }
+    util::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    Ok("installed")
+}
+
+fn lint_components() -> Result<&'static str> {
+    let present = |sub: &str| output("cargo", &[sub, "--version"]).is_some();
+    if present("clippy") && present("fmt") {
+        return Ok("already present");
+    }
+    util::run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    Ok("installed")
+}
+
+fn bpf_linker_ok() -> bool {
+    output("bpf-linker", &["--version"])
+        .is_some_and(|v| v.split_whitespace().last() == Some(BPF_LINKER_VERSION))
+}
+
+fn bpf_linker() -> Result<&'static str> {
+    if bpf_linker_ok() {
+        return Ok("already present");
+    }
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).ok_or_else(|| {
+        anyhow!("`rustc +nightly --print sysroot` failed: is a nightly toolchain installed?")
+    })?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let (libllvm, major) = find_libllvm(&sysroot.join("lib"))?;
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
+        libllvm.display()
+    );
+
+    let link_dir = std::env::temp_dir().join(format!("xtask-bpf-linker-{}", std::process::id()));
+    std::fs::create_dir_all(&link_dir)
+        .with_context(|| format!("cannot create {}", link_dir.display()))?;
+    let link = link_dir.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("cannot symlink {} to {}", link.display(), libllvm.display()))?;
+
+    let result = util::run(
+        Command::new("cargo")
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args(["--locked", "--force", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &sysroot)
+            .env("RUSTFLAGS", format!("-L native={}", link_dir.display())),
+    );
+    let _ = std::fs::remove_dir_all(&link_dir);
+    result?;
+
+    if !bpf_linker_ok() {
+        bail!(
+            "bpf-linker was installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION}: \
+             is ~/.cargo/bin on PATH?"
+        );
+    }
+    Ok("installed")
+}
+
+/// Finds the nightly's own `libLLVM.so.<major>.<minor>-rust-...` and its LLVM major version.
+fn find_libllvm(lib: &Path) -> Result<(PathBuf, u32)> {
+    let entries =
+        std::fs::read_dir(lib).with_context(|| format!("cannot read {}", lib.display()))?;
+    let mut found: Vec<(PathBuf, u32)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix("libLLVM.so.")?;
+            let major = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some((e.path(), major))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .ok_or_else(|| anyhow!("no libLLVM.so.* in {}", lib.display()))
+}
+
+fn apt_packages() -> Result<&'static str> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output("dpkg-query", &["-W", "-f=${Status}", pkg])
+                .is_none_or(|status| !status.ends_with("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok("already present");
+    }
+    if !is_root() {
+        bail!("missing {} and not root", missing.join(" "));
+    }
+    println!("setup: installing {}", missing.join(" "));
+    util::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok("installed")
+}
+
+fn botocore() -> Result<&'static str> {
+    let importable = || output("python3", &["-c", "import botocore"]).is_some();
+    if importable() {
+        return Ok("already present");
+    }
+    util::run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "botocore"])
+            // Debian's system python refuses pip installs (PEP 668) without this; older pips ignore it.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )?;
+    if !importable() {
+        bail!("pip installed botocore but `python3 -c 'import botocore'` still fails");
+    }
+    Ok("installed")
+}
