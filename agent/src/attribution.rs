@@ -125,11 +125,21 @@ impl Attribution {
         self.callers.is_some()
     }
 
-    /// The caller of an accepted connection: takes the kernel's record of it.
-    pub fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
+    /// The caller of an accepted connection: takes the kernel's record of it and resolves its
+    /// cgroup. A cgroup not seen before means walking the cgroup tree: done on the blocking pool.
+    pub async fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
         let process = self.callers.as_ref().and_then(|c| c.take(peer, local));
         let cgroup = match (&process, &self.resolver) {
-            (Some(p), Some(resolver)) => resolver.resolve(p.cgroup_id),
+            (Some(p), Some(resolver)) => match resolver.cached(p.cgroup_id) {
+                Some(info) => Some(info),
+                None => {
+                    let (resolver, id) = (resolver.clone(), p.cgroup_id);
+                    tokio::task::spawn_blocking(move || resolver.resolve(id))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            },
             _ => None,
         };
         Caller {

@@ -170,6 +170,12 @@ impl CgroupResolver {
         }
     }
 
+    /// The cgroup with this id if it was resolved before: no I/O, for the async path.
+    pub fn cached(&self, id: u64) -> Option<Arc<CgroupInfo>> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.infos.get(&id).cloned()
+    }
+
     /// The cgroup with this id, or `None` if no directory under the mount root has it (any more).
     pub fn resolve(&self, id: u64) -> Option<Arc<CgroupInfo>> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

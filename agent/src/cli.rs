@@ -108,6 +108,12 @@ pub struct ServerArgs {
     /// Audit log file, one JSON line per credential request ("-" for stdout).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Credential requests per second for the whole node, as the original agent (0 = off).
+    #[arg(long, default_value_t = 1000)]
+    pub global_request_rate: u32,
+    /// Burst of requests for the whole node above the rate.
+    #[arg(long, default_value_t = 500)]
+    pub global_request_burst: u32,
 }
 
 /// `--token-binding` values.
@@ -172,8 +178,8 @@ impl ServerArgs {
                 namespace_label_limit: 100,
             },
             global_rate: RateLimit {
-                per_second: 1000,
-                burst: 500,
+                per_second: self.global_request_rate,
+                burst: self.global_request_burst,
             },
             drain_timeout: Duration::from_secs(10),
         }

@@ -85,9 +85,9 @@ impl Accepting {
 /// Serves `listener` until `shutdown` is cancelled, then waits up to `drain` for open
 /// connections to finish their requests.
 ///
-/// `identify` runs once per connection with the peer and local addresses; `handle` once per
-/// request with what `identify` returned.
-pub async fn serve<C, I, H, F>(
+/// `identify` runs once per connection, in the connection's own task, with the peer and local
+/// addresses; `handle` once per request with what `identify` returned.
+pub async fn serve<C, I, IF, H, F>(
     listener: TcpListener,
     identify: I,
     handle: H,
@@ -96,7 +96,8 @@ pub async fn serve<C, I, H, F>(
     drain: Duration,
 ) where
     C: Send + Sync + 'static,
-    I: Fn(SocketAddr, SocketAddr) -> C,
+    I: Fn(SocketAddr, SocketAddr) -> IF,
+    IF: Future<Output = C> + Send + 'static,
     H: Fn(Request<Incoming>, Arc<C>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -125,22 +126,23 @@ pub async fn serve<C, I, H, F>(
             },
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        let context = Arc::new(identify(peer, local));
+        let identified = identify(peer, local);
         let handle = handle.clone();
-        let service = service_fn(move |req| {
-            let handle = handle.clone();
-            let context = context.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(req, context).await) }
-        });
-        let conn = http1::Builder::new()
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS)
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let context = Arc::new(identified.await);
+            let service = service_fn(move |req| {
+                let handle = handle.clone();
+                let context = context.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, context).await) }
+            });
+            let conn = http1::Builder::new()
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_headers(MAX_HEADERS)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

@@ -6,6 +6,37 @@ use clap::Parser as _;
 use pod_identity_agent::cli::{Cli, Command};
 use pod_identity_agent::{netlink, server};
 
+/// The agent's own logs at `level`; the SDK's and HTTP stack's at most at `info`, whatever the
+/// verbosity: at `debug` and `trace` they log signing material and raw bodies, which carry tokens
+/// and credentials.
+fn log_filter(level: tracing::Level) -> tracing_subscriber::EnvFilter {
+    const CAPPED: &[&str] = &[
+        "aws_config",
+        "aws_runtime",
+        "aws_sigv4",
+        "aws_smithy_runtime",
+        "aws_smithy_runtime_api",
+        "aws_smithy_http_client",
+        "aws_smithy_http",
+        "aws_sdk_eksauth",
+        "aws_sdk_sts",
+        "aws_sdk_sso",
+        "aws_sdk_ssooidc",
+        "hyper",
+        "hyper_util",
+        "h2",
+        "rustls",
+    ];
+    let cap = level.min(tracing::Level::INFO);
+    let mut filter = tracing_subscriber::EnvFilter::new(level.as_str());
+    for target in CAPPED {
+        if let Ok(directive) = format!("{target}={cap}").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match &cli.command {
@@ -18,7 +49,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .json()
-        .with_max_level(level)
+        .with_env_filter(log_filter(level))
         .with_current_span(false)
         .with_writer(std::io::stderr)
         .init();

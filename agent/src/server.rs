@@ -117,7 +117,10 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         tracing::info!(addr = ?l.local_addr().ok(), "serving credentials");
         tasks.spawn(listener::serve(
             l,
-            move |peer, local| attribution.identify(peer, local),
+            move |peer, local| {
+                let attribution = attribution.clone();
+                async move { attribution.identify(peer, local).await }
+            },
             move |req, caller| {
                 let endpoint = endpoint.clone();
                 async move { endpoint.handle(req, &caller).await }
@@ -178,7 +181,7 @@ fn spawn_probes(
     let l = listener::bind(addr)?;
     tasks.spawn(listener::serve(
         l,
-        |_, _| (),
+        |_, _| std::future::ready(()),
         move |req, _| {
             let response = probes.handle(&req);
             async move { response }

@@ -54,6 +54,9 @@ pub struct AgentArgs {
     pub extra: Vec<String>,
     /// Extra environment for the agent process (after the defaults, so they override them).
     pub env: Vec<(String, String)>,
+    /// Environment variables removed from the agent process last (e.g. the default
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, to make it use a shared credentials file).
+    pub env_remove: Vec<String>,
     /// How long to wait for `/readyz`.
     pub ready_timeout: Duration,
 }
@@ -68,6 +71,7 @@ impl Default for AgentArgs {
             node_name: true,
             extra: Vec::new(),
             env: Vec::new(),
+            env_remove: Vec::new(),
             ready_timeout: Duration::from_secs(20),
         }
     }
@@ -212,6 +216,22 @@ impl AgentProcess {
         Ok(r.body_text())
     }
 
+    /// The value of one series of `/metrics` (see [`metric_value`]); 0 when the series is absent.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+    }
+
+    /// GET `path` on the metrics port (`127.0.0.1:<metrics-port>` inside the node).
+    pub fn metrics_port_get(&self, path: &str) -> Result<RawResponse> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port));
+        http_get_in(self.node.netns(), addr, path, Duration::from_secs(2))
+    }
+
+    /// Whether the agent process has exited (reaping it if so), with its status.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        self.exited()
+    }
+
     /// The agent's pid.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
@@ -301,5 +321,68 @@ fn base_command(ns: &str, bin: &std::path::Path, args: &AgentArgs) -> Command {
         .env("AWS_SECRET_ACCESS_KEY", "e2e-agent-test-secret")
         .env("AWS_EC2_METADATA_DISABLED", "true");
     cmd.envs(args.env.iter().map(|(k, v)| (k, v)));
+    for key in &args.env_remove {
+        cmd.env_remove(key);
+    }
     cmd
+}
+
+/// Runs `<agent> initialize [args]` alone inside `netns` (with the agent's usual environment) and
+/// returns its output, whatever its exit status.
+pub fn run_initialize(netns: &NetNs, args: &[&str]) -> Result<std::process::Output> {
+    let bin = agent_bin()?;
+    base_command(netns.name(), &bin, &AgentArgs::default())
+        .arg("initialize")
+        .args(args)
+        .output()
+        .context("running `eks-pod-identity-agent initialize`")
+}
+
+/// The value of one series in a Prometheus text exposition: `series` is the metric name with its
+/// labels exactly as the exposition writes them (e.g. `pod_identity_cache_state{state="hit"}`).
+/// `None` when the series is absent.
+#[must_use]
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The audit log's records (one JSON object a line); empty when the file does not exist yet.
+pub fn read_audit_log(path: &std::path::Path) -> Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("audit line is not JSON: {l}")))
+        .collect()
+}
+
+/// Waits until the audit log holds at least `count` records (the agent writes them from a queue,
+/// a moment after the response), and returns them all.
+pub fn wait_audit_records(
+    path: &std::path::Path,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let records = read_audit_log(path)?;
+        if records.len() >= count {
+            return Ok(records);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the audit log {} holds {} record(s) after {timeout:?}, expected at least {count}",
+                path.display(),
+                records.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

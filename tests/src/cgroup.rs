@@ -164,3 +164,74 @@ pub fn cgroup_of(pid: u32) -> Result<String> {
         .map(str::to_owned)
         .context("no cgroup v2 line in /proc/<pid>/cgroup")
 }
+
+/// cgroup attach types of the agent's programs, as `BPF_PROG_QUERY` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BpfAttachType {
+    /// `BPF_CGROUP_SOCK_OPS` (the agent's `sock_ops` program).
+    SockOps,
+    /// `BPF_CGROUP_INET4_CONNECT` (`cgroup/connect4`).
+    Connect4,
+    /// `BPF_CGROUP_INET6_CONNECT` (`cgroup/connect6`).
+    Connect6,
+}
+
+impl BpfAttachType {
+    /// All three, in the order above.
+    pub const ALL: [Self; 3] = [Self::SockOps, Self::Connect4, Self::Connect6];
+
+    fn raw(self) -> u32 {
+        // enum bpf_attach_type in include/uapi/linux/bpf.h.
+        match self {
+            Self::SockOps => 3,
+            Self::Connect4 => 10,
+            Self::Connect6 => 11,
+        }
+    }
+}
+
+/// `union bpf_attr` as `BPF_PROG_QUERY` reads and writes it.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgQuery {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// How many programs of `attach_type` are attached directly to the cgroup at `dir` (link-based
+/// attachments included), asked of the kernel with `BPF_PROG_QUERY` — what `bpftool cgroup show`
+/// prints, without needing bpftool.
+pub fn attached_programs(dir: &Path, attach_type: BpfAttachType) -> Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let cgroup = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let mut attr = BpfProgQuery {
+        target_fd: u32::try_from(cgroup.as_raw_fd()).context("cgroup fd")?,
+        attach_type: attach_type.raw(),
+        ..BpfProgQuery::default()
+    };
+    // SAFETY: `attr` is a live, properly sized `bpf_attr` prefix (the kernel checks that any tail it
+    // does not know is zero); with `prog_ids` null the kernel only writes `prog_cnt` and flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BpfProgQuery>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("BPF_PROG_QUERY {attach_type:?} on {}", dir.display()));
+    }
+    Ok(attr.prog_cnt)
+}

@@ -461,3 +461,262 @@ fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// How a python client reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `AF_INET` to `169.254.170.23`.
+    V4,
+    /// `AF_INET6` to `fd00:ec2::23`.
+    V6,
+    /// `AF_INET6` to `::ffff:169.254.170.23` (IPv4 on an IPv6 socket).
+    V4Mapped,
+}
+
+impl Family {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::V4 => "v4",
+            Self::V6 => "v6",
+            Self::V4Mapped => "v4mapped",
+        }
+    }
+}
+
+/// One request of [`Pod::python_requests`]: the response, or the socket error.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PyExchange {
+    /// HTTP status, when a response came.
+    pub status: Option<u16>,
+    /// Response headers (names lowercase).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    #[serde(default)]
+    pub body: String,
+    /// The client's local port for this request (same port = same connection).
+    pub local_port: Option<u16>,
+    /// The error, if the request failed at the socket level.
+    pub error: Option<String>,
+    /// Its errno (1 = `EPERM`, what a refusal by the agent's eBPF program looks like).
+    pub errno: Option<i32>,
+}
+
+impl PyExchange {
+    /// The first header of that (case-insensitive) name.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What [`Pod::python_requests`] did: the client's pid and each request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PyRequests {
+    /// `os.getpid()` of the client (the pid the kernel saw).
+    pub pid: u32,
+    /// Each request, in order.
+    pub exchanges: Vec<PyExchange>,
+}
+
+impl PyRequests {
+    /// Parses the client's output.
+    pub fn parse(out: &Output) -> Result<Self> {
+        parse_py_json(out, "python credential client")
+    }
+}
+
+/// One connect of [`Pod::connect_flood`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConnectAttempt {
+    /// `v4`, `v6` or `v4mapped`.
+    pub family: String,
+    /// 0 when connected, else the errno (1 = `EPERM`).
+    pub errno: i32,
+    /// How long `connect()` took, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// What [`Pod::connect_flood`] did.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FloodReport {
+    /// The flooder's pid.
+    pub pid: u32,
+    /// Every connect, in order.
+    pub attempts: Vec<ConnectAttempt>,
+}
+
+impl FloodReport {
+    /// Parses the flooder's output.
+    pub fn parse(out: &Output) -> Result<Self> {
+        parse_py_json(out, "connect flooder")
+    }
+
+    /// Connects that succeeded.
+    #[must_use]
+    pub fn connected(&self) -> usize {
+        self.attempts.iter().filter(|a| a.errno == 0).count()
+    }
+
+    /// Connects refused with `errno`.
+    #[must_use]
+    pub fn failed_with(&self, errno: i32) -> usize {
+        self.attempts.iter().filter(|a| a.errno == errno).count()
+    }
+}
+
+fn parse_py_json<T: serde::de::DeserializeOwned>(out: &Output, what: &str) -> Result<T> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("{what} printed {stdout:?}"))
+}
+
+const PY_REQUESTS: &str = r"
+import http.client, json, os, sys
+family, token_file, count, keep_alive = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1'
+target = {'v4': '169.254.170.23', 'v6': 'fd00:ec2::23', 'v4mapped': '::ffff:169.254.170.23'}[family]
+host = {'v4': '169.254.170.23', 'v6': '[fd00:ec2::23]', 'v4mapped': '169.254.170.23'}[family]
+out = {'pid': os.getpid(), 'exchanges': []}
+conn = None
+for _ in range(count):
+    ex = {}
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(target, 80, timeout=5)
+        with open(token_file) as f:
+            token = f.read()
+        headers = {'Host': host, 'Authorization': token}
+        if not keep_alive:
+            headers['Connection'] = 'close'
+        conn.request('GET', '/v1/credentials', headers=headers)
+        ex['local_port'] = conn.sock.getsockname()[1]
+        r = conn.getresponse()
+        ex['status'] = r.status
+        ex['headers'] = [[k.lower(), v] for k, v in r.getheaders()]
+        ex['body'] = r.read().decode('utf-8', 'replace')
+        if not keep_alive:
+            conn.close()
+            conn = None
+    except OSError as e:
+        ex['error'] = repr(e)
+        ex['errno'] = e.errno
+        conn = None
+    out['exchanges'].append(ex)
+print(json.dumps(out))
+";
+
+const PY_FLOOD: &str = r"
+import json, os, socket, sys, time
+families, min_attempts, duration, pause = sys.argv[1].split(','), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+targets = {
+    'v4': (socket.AF_INET, ('169.254.170.23', 80)),
+    'v6': (socket.AF_INET6, ('fd00:ec2::23', 80)),
+    'v4mapped': (socket.AF_INET6, ('::ffff:169.254.170.23', 80)),
+}
+attempts = []
+end = time.monotonic() + duration
+i = 0
+while i < min_attempts or time.monotonic() < end:
+    family = families[i % len(families)]
+    i += 1
+    af, addr = targets[family]
+    s = socket.socket(af, socket.SOCK_STREAM)
+    s.settimeout(3)
+    t0 = time.monotonic()
+    try:
+        s.connect(addr)
+        err = 0
+    except OSError as e:
+        err = e.errno or -1
+    elapsed = time.monotonic() - t0
+    s.close()
+    attempts.append({'family': family, 'errno': err, 'elapsed_us': int(elapsed * 1e6)})
+    if pause > 0:
+        time.sleep(pause)
+print(json.dumps({'pid': os.getpid(), 'attempts': attempts}))
+";
+
+impl Pod {
+    /// A python client (`http.client`, comm `python3`) that sends `count` credential requests with the
+    /// token read from `token_file` (on one keep-alive connection, or one connection each), as this pod.
+    /// Spawn it for concurrency; [`PyRequests::parse`] its output.
+    #[must_use]
+    pub fn python_requests_command(
+        &self,
+        family: Family,
+        token_file: &std::path::Path,
+        count: usize,
+        keep_alive: bool,
+    ) -> std::process::Command {
+        let mut cmd = self.command("python3");
+        cmd.args(["-c", PY_REQUESTS, family.arg()])
+            .arg(token_file)
+            .arg(count.to_string())
+            .arg(if keep_alive { "1" } else { "0" });
+        cmd
+    }
+
+    /// Runs [`Pod::python_requests_command`] and waits for it.
+    pub fn python_requests(
+        &self,
+        family: Family,
+        token_file: &std::path::Path,
+        count: usize,
+        keep_alive: bool,
+    ) -> Result<PyRequests> {
+        let out = self
+            .python_requests_command(family, token_file, count, keep_alive)
+            .output()
+            .context("running the python credential client")?;
+        PyRequests::parse(&out)
+    }
+
+    /// A python process that opens TCP connections to the agent (cycling through `families`) as fast as
+    /// it can (`pause` between them), at least `min_attempts` times and for at least `duration`, closing
+    /// each at once. Spawn it for concurrency; [`FloodReport::parse`] its output.
+    #[must_use]
+    pub fn connect_flood_command(
+        &self,
+        families: &[Family],
+        min_attempts: usize,
+        duration: Duration,
+        pause: Duration,
+    ) -> std::process::Command {
+        let families: Vec<&str> = families.iter().map(|f| f.arg()).collect();
+        let mut cmd = self.command("python3");
+        cmd.args(["-c", PY_FLOOD, &families.join(",")])
+            .arg(min_attempts.to_string())
+            .arg(duration.as_secs_f64().to_string())
+            .arg(pause.as_secs_f64().to_string());
+        cmd
+    }
+
+    /// Runs [`Pod::connect_flood_command`] and waits for it.
+    pub fn connect_flood(
+        &self,
+        families: &[Family],
+        min_attempts: usize,
+        duration: Duration,
+        pause: Duration,
+    ) -> Result<FloodReport> {
+        let out = self
+            .connect_flood_command(families, min_attempts, duration, pause)
+            .output()
+            .context("running the connect flooder")?;
+        FloodReport::parse(&out)
+    }
+}

@@ -1,4 +1,4 @@
-//! Scripted work for the workspace: `cargo xtask setup | test | demo`.
+//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench`.
 
 mod setup;
 mod util;
@@ -32,6 +32,13 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, build in release mode, and load the agent with wrk, scenarios side by side (needs
+    /// root). Writes the table to BENCHMARKS.md.
+    Bench {
+        /// Seconds per scenario.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -39,6 +46,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test { args } => test(&args),
         Command::Demo { args } => demo(&args),
+        Command::Bench { seconds } => bench(seconds),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -85,5 +93,33 @@ fn demo(args: &[String]) -> Result<()> {
         .current_dir(util::workspace_root())
         .status()
         .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", demo.display()))?;
+    std::process::exit(util::exit_code(status));
+}
+
+fn bench(seconds: u64) -> Result<()> {
+    util::require_root("the bench creates network namespaces, links and cgroups")?;
+    setup::run()?;
+    util::cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "eks-pod-identity-agent",
+            "-p",
+            "e2e",
+        ],
+        &[],
+    )?;
+    let release = util::target_dir().join("release");
+    let agent = release.join("eks-pod-identity-agent");
+    let out = util::workspace_root().join("BENCHMARKS.md");
+    let status = std::process::Command::new(release.join("bench"))
+        .arg("--out")
+        .arg(&out)
+        .env("EKS_POD_IDENTITY_AGENT_BIN", &agent)
+        .env("BENCH_SECONDS", seconds.to_string())
+        .current_dir(util::workspace_root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run the bench: {e}"))?;
     std::process::exit(util::exit_code(status));
 }

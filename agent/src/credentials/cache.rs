@@ -224,6 +224,9 @@ impl<R: Retriever> CredentialCache<R> {
         let lookup = if ran.load(Ordering::Relaxed) {
             inner.metrics.cache_entries.inc();
             inner.schedule_renewal(&entry);
+            // Moka applies its bound (and the recency of buffered reads) in housekeeping: run it
+            // now, on the miss path, so the cache never holds more than its size.
+            entries.run_pending_tasks().await;
             Lookup::Miss
         } else {
             Lookup::Coalesced

@@ -167,9 +167,10 @@ impl<R: Retriever> Endpoint<R> {
             };
             return Err(RequestError::Binding(reason));
         }
-        self.attribution
-            .check_pod_rate(caller, &claims)
-            .map_err(|retry_after| RequestError::PodThrottled { retry_after })?;
+        if let Err(retry_after) = self.attribution.check_pod_rate(caller, &claims) {
+            self.metrics.pod_requests_limited.inc();
+            return Err(RequestError::PodThrottled { retry_after });
+        }
 
         let served = match cached {
             Some(served) => served,

@@ -1,27 +1,59 @@
 //! A guided tour: a simulated node with three pods, a fake EKS Auth and the real agent; every pod fetches
-//! credentials with a real SDK, then the audit log and metrics are shown.
+//! credentials with a real SDK and the audit log names each caller's pod, container, pid and comm; then,
+//! with the agent restarted under `--token-binding enforce` and a per-pod connect limit, a token replayed
+//! from another pod is refused, and a pod flooding the agent with connections is refused in the kernel
+//! while its neighbour is served. Finally the whole audit log and the metrics are shown.
 //!
 //! Run as root after building the agent: `cargo build -p eks-pod-identity-agent && cargo run -p e2e --bin demo`.
 //! Exits non-zero if any scenario fails. To add a scenario, write a `fn(&mut Demo) -> Result<()>` and list
 //! it in [`SCENARIOS`].
 
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in, wait_audit_records};
 use e2e::cgroup::CgroupDriver;
-use e2e::clients::FetchOutcome;
+use e2e::clients::{Family, FetchOutcome, FloodReport};
 use e2e::fake_eks_auth::FakeEksAuth;
 use e2e::node::{CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, PodSpec, SimNode};
 
 const CLUSTER: &str = "demo-cluster";
 
 /// The scenarios, in order. Each prints its own lines; an error marks it failed and the tour goes on.
-const SCENARIOS: &[(&str, Scenario)] = &[(
-    "every pod fetches credentials with a real SDK",
-    fetch_with_real_sdks,
-)];
+const SCENARIOS: &[(&str, Scenario)] = &[
+    (
+        "every pod fetches credentials with a real SDK",
+        fetch_with_real_sdks,
+    ),
+    (
+        "the audit log names each caller's pod, container, pid and comm",
+        audit_names_each_caller,
+    ),
+    (
+        "the agent restarts with --token-binding enforce and a per-pod connect limit",
+        restart_enforcing,
+    ),
+    (
+        "a token replayed from another pod is refused",
+        replayed_token_refused,
+    ),
+    (
+        "a pod flooding the agent is refused in the kernel while its neighbour is served",
+        flood_refused_in_kernel,
+    ),
+];
+
+/// The flags of the restarted agent.
+const ENFORCING: [&str; 6] = [
+    "--token-binding",
+    "enforce",
+    "--pod-connect-rate",
+    "1",
+    "--pod-connect-burst",
+    "3",
+];
 
 type Scenario = fn(&mut Demo) -> Result<()>;
 
@@ -194,6 +226,171 @@ fn fetch_with_real_sdks(demo: &mut Demo) -> Result<()> {
     }
 }
 
+fn audit_names_each_caller(demo: &mut Demo) -> Result<()> {
+    let records = wait_audit_records(&demo.audit_log, demo.pods.len(), Duration::from_secs(5))?;
+    let mut wrong = Vec::new();
+    for p in &demo.pods {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r["token"]["pod_uid"] == p.pod.uid.as_str())
+            .collect();
+        println!("   {}/{}:", p.pod.namespace, p.pod.name);
+        for r in &mine {
+            println!("     {}", summarize_audit_line(&r.to_string()));
+            if r["caller"]["pod_uid"] != p.pod.uid.as_str()
+                || r["caller"]["container_id"] != p.pod.container_id.as_str()
+                || r["binding"] != "match"
+                || !r["caller"]["pid"].is_u64()
+                || !r["caller"]["comm"].is_string()
+            {
+                wrong.push(format!("{}: {r}", p.pod.name));
+            }
+        }
+        if mine.is_empty() {
+            wrong.push(format!("{}: no audit record", p.pod.name));
+        }
+    }
+    if wrong.is_empty() {
+        println!("   every record names the pod, container and process the kernel saw connect");
+        Ok(())
+    } else {
+        bail!("wrong or missing attribution: {}", wrong.join("; "))
+    }
+}
+
+fn restart_enforcing(demo: &mut Demo) -> Result<()> {
+    if let Some(agent) = demo.agent.take() {
+        agent.stop().context("stopping the agent")?;
+    }
+    let agent = AgentProcess::start(
+        &demo.node,
+        &demo.fake,
+        AgentArgs::default()
+            .audit_log(&demo.audit_log)
+            .args(ENFORCING),
+    )?;
+    println!(
+        "   agent ready again (pid {}) with {}",
+        agent.pid().unwrap_or_default(),
+        ENFORCING.join(" ")
+    );
+    demo.agent = Some(agent);
+    Ok(())
+}
+
+fn replayed_token_refused(demo: &mut Demo) -> Result<()> {
+    let (victim, thief) = (&demo.pods[0].pod, &demo.pods[2].pod);
+    let calls_before = demo.fake.calls();
+    println!(
+        "   pod {} presents the token of pod {} (uid {})",
+        thief.name, victim.name, victim.uid
+    );
+    let replay = thief.python_requests(Family::V4, &victim.token_path(), 1, false)?;
+    let ex = &replay.exchanges[0];
+    println!(
+        "   -> {} {}",
+        ex.status
+            .map_or_else(|| "no response".to_owned(), |s| s.to_string()),
+        ex.body.trim()
+    );
+    let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
+    let record = records.iter().find(|r| r["caller"]["pid"] == replay.pid);
+    if let Some(r) = record {
+        println!("   audit: {}", summarize_audit_line(&r.to_string()));
+    }
+    let calls_after = demo.fake.calls();
+    println!(
+        "   EKS Auth calls for the replay: {}",
+        calls_after - calls_before
+    );
+    let own = thief.python_requests(Family::V4, &thief.token_path(), 1, false)?;
+    println!(
+        "   pod {} with its own token -> {}",
+        thief.name,
+        own.exchanges[0].status.unwrap_or_default()
+    );
+    if ex.status != Some(403) {
+        bail!("the replay was answered {:?}, expected 403", ex.status);
+    }
+    if !record.is_some_and(|r| r["binding"] == "mismatch" && r["outcome"] == "denied") {
+        bail!("no audit record with binding mismatch, outcome denied for the replay");
+    }
+    if calls_after != calls_before {
+        bail!("EKS Auth was called for a refused replay");
+    }
+    if own.exchanges[0].status != Some(200) {
+        bail!("the pod's own token was not served: {:?}", own.exchanges[0]);
+    }
+    Ok(())
+}
+
+fn flood_refused_in_kernel(demo: &mut Demo) -> Result<()> {
+    let (flooder, neighbour) = (&demo.pods[1], &demo.pods[0]);
+    // One real request first, so the agent knows the flooder's namespace for its metric label.
+    if let Err(e) = flooder.sdk.fetch(&flooder.pod, flooder.uri)? {
+        bail!("{} could not fetch before flooding: {e}", flooder.pod.name);
+    }
+    println!(
+        "   {} fetched once (1 connection of its burst of 3), then floods for 2 s; {} fetches meanwhile",
+        flooder.pod.name, neighbour.pod.name
+    );
+    let all = [Family::V4, Family::V6, Family::V4Mapped];
+    let child = flooder
+        .pod
+        .connect_flood_command(&all, 0, Duration::from_secs(2), Duration::from_millis(5))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the flood")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let served = neighbour.sdk.fetch(&neighbour.pod, neighbour.uri)?;
+    let took = started.elapsed();
+    let flood = FloodReport::parse(&child.wait_with_output()?)?;
+    let refused = flood.failed_with(1);
+    let slowest = flood
+        .attempts
+        .iter()
+        .filter(|a| a.errno == 1)
+        .map(|a| a.elapsed_us)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "   {}: {} connects, {} passed, {refused} refused with EPERM (slowest refusal {slowest} µs)",
+        flooder.pod.name,
+        flood.attempts.len(),
+        flood.connected()
+    );
+    match &served {
+        Ok(creds) => println!(
+            "   {}: served {} in {took:?} during the flood",
+            neighbour.pod.name, creds.access_key_id
+        ),
+        Err(e) => println!("   {}: FAILED {}", neighbour.pod.name, e.stderr.trim()),
+    }
+    let denied = demo.agent.as_ref().context("no agent")?.metric(&format!(
+        "pod_identity_connections_denied_total{{namespace=\"{}\"}}",
+        flooder.pod.namespace
+    ))?;
+    println!(
+        "   pod_identity_connections_denied_total{{namespace=\"{}\"}} {denied}",
+        flooder.pod.namespace
+    );
+    if served.is_err() {
+        bail!("the neighbour was not served during the flood");
+    }
+    if refused < 50 || flood.connected() > 5 || slowest > 100_000 {
+        bail!(
+            "expected most connects refused with EPERM at once, got {} passed, {refused} refused, slowest {slowest} µs",
+            flood.connected()
+        );
+    }
+    if denied < refused as f64 {
+        bail!("the metric counts {denied} refusals, the flooder saw {refused}");
+    }
+    Ok(())
+}
+
 fn show_audit_log(demo: &Demo) {
     match std::fs::read_to_string(&demo.audit_log) {
         Ok(text) if !text.trim().is_empty() => {
@@ -215,7 +412,8 @@ fn show_metrics(demo: &Demo) {
             let interesting = text
                 .lines()
                 .filter(|l| l.starts_with("pod_identity_") && !l.contains("_bucket{"))
-                .take(20);
+                .filter(|l| !l.ends_with(" 0"))
+                .take(40);
             for line in interesting {
                 println!("   {line}");
             }
@@ -240,15 +438,24 @@ fn summarize_audit_line(line: &str) -> String {
             other => other.to_string(),
         }
     };
+    let container = field(&["caller", "container_id"]);
+    let reason = match field(&["reason"]) {
+        r if r == "-" => String::new(),
+        r => format!(" ({r})"),
+    };
     format!(
-        "{} {} from {} (pod uid {}) as {}/{}: binding {}, role {}",
+        "{} {} from {} pod {} container {} pid {} comm {} as {}/{}: binding {}, cache {}, role {}{reason}",
         field(&["outcome"]),
         field(&["http_status"]),
         field(&["caller", "peer"]),
         field(&["caller", "pod_uid"]),
+        &container[..container.len().min(12)],
+        field(&["caller", "pid"]),
+        field(&["caller", "comm"]),
         field(&["token", "namespace"]),
         field(&["token", "service_account"]),
         field(&["binding"]),
+        field(&["cache"]),
         field(&["role_arn"]),
     )
 }
