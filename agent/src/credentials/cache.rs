@@ -266,7 +266,7 @@ impl<R: Retriever> CredentialCache<R> {
     }
 
     /// Entries cached now.
-    pub async fn len(&self) -> u64 {
+    pub async fn entry_count(&self) -> u64 {
         match &self.inner.entries {
             Some(entries) => {
                 entries.run_pending_tasks().await;

@@ -142,7 +142,17 @@ fn run() -> Result<()> {
     }
     println!("{table}");
     if let Some(out) = out {
-        std::fs::write(&out, &table).with_context(|| format!("writing {out}"))?;
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let page = format!(
+            "# Benchmarks\n\nWritten by `cargo xtask bench` (release build) on {date}. Each scenario starts a fresh agent in a \
+             simulated node; wrk runs inside a pod (its network namespace and cgroup). The node-wide limit \
+             (`--global-request-rate`, 1000/s by default as in the original agent) is off so that capacity is measured.\n\n{table}"
+        );
+        std::fs::write(&out, page).with_context(|| format!("writing {out}"))?;
     }
     Ok(())
 }

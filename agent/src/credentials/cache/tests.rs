@@ -215,7 +215,7 @@ async fn permanent_renewal_failure_evicts() {
     up.fail_next("AccessDeniedException", 400);
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 2);
-    assert_eq!(cache.len().await, 0);
+    assert_eq!(cache.entry_count().await, 0);
     assert_eq!(key_id(&cache, "t").await, ("ASIA3".into(), Lookup::Miss));
 }
 
@@ -245,13 +245,13 @@ async fn least_recently_used_entries_go_first() {
     let cache = cache(&up, config(2), None);
     // Moka applies reads to its LRU order in batches: let each step land before the next.
     key_id(&cache, "a").await;
-    cache.len().await;
+    cache.entry_count().await;
     key_id(&cache, "b").await;
-    cache.len().await;
+    cache.entry_count().await;
     key_id(&cache, "a").await; // a is now more recent than b
-    cache.len().await;
+    cache.entry_count().await;
     key_id(&cache, "c").await;
-    assert_eq!(cache.len().await, 2);
+    assert_eq!(cache.entry_count().await, 2);
     assert_eq!(key_id(&cache, "a").await.1, Lookup::Hit);
     assert_eq!(key_id(&cache, "b").await.1, Lookup::Miss);
 }
@@ -277,7 +277,7 @@ async fn entries_whose_owner_is_gone_are_evicted_not_renewed() {
     served.entry.unwrap().set_owner_cgroup(7);
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 3, "only the live entry was renewed");
-    assert_eq!(cache.len().await, 1);
+    assert_eq!(cache.entry_count().await, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -297,5 +297,5 @@ async fn entries_of_expired_tokens_are_not_renewed() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 1);
-    assert_eq!(cache.len().await, 0);
+    assert_eq!(cache.entry_count().await, 0);
 }
