@@ -31,3 +31,15 @@ pub mod probes;
 pub mod server;
 pub mod shutdown;
 pub mod token;
+
+/// An error and its causes on one line, for logs and exit messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -65,10 +65,10 @@ fn main() -> ExitCode {
             Command::Initialize(args) => netlink::initialize(&args.into_config())
                 .await
                 .map(drop)
-                .map_err(|e| server::error_chain(&e)),
+                .map_err(|e| pod_identity_agent::error_chain(&e)),
             Command::Server(args) => server::run(args.into_config())
                 .await
-                .map_err(|e| server::error_chain(&e)),
+                .map_err(|e| pod_identity_agent::error_chain(&e)),
             Command::Version => Ok(()),
         }
     });

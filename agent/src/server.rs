@@ -227,7 +227,7 @@ fn attach(
         Err(e) if a.token_binding == TokenBinding::Enforce => Err(ServerError::EbpfRequired(e)),
         Err(e) => {
             metrics.ebpf_attached.set(0);
-            tracing::warn!(error = %error_chain(&e), "eBPF attribution unavailable: serving without it (binding: unattributed)");
+            tracing::warn!(error = %crate::error_chain(&e), "eBPF attribution unavailable: serving without it (binding: unattributed)");
             let attribution = Attribution::new(
                 None,
                 None,
@@ -268,16 +268,4 @@ fn kernel_counters_sync(
             }
         }
     })
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

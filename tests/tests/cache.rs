@@ -74,20 +74,6 @@ fn key_of(r: &RawResponse, agent: &AgentProcess, what: &str) -> String {
         .to_owned()
 }
 
-/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
-fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_second_fetch_of_the_same_token_is_served_from_the_cache() {
     if !e2e::privileged("a_second_fetch_of_the_same_token_is_served_from_the_cache") {
@@ -169,7 +155,7 @@ fn credentials_are_renewed_before_the_retention_limit() {
     let token = s.pod.refresh_token(&s.fake).unwrap();
     let first = key_of(&get(&s.pod, &token), &s.agent, "first fetch");
     assert!(
-        wait_for(Duration::from_secs(8), || s.fake.calls_for_token(&token)
+        e2e::wait_for(Duration::from_secs(8), || s.fake.calls_for_token(&token)
             >= 2),
         "no renewal within 8 s of a 3 s retention; agent log:\n{}",
         s.agent.logs().unwrap_or_default()
@@ -217,7 +203,7 @@ fn a_permanent_error_at_renewal_evicts_the_entry() {
     s.fake
         .set_fault(Fault::Error(ApiError::AccessDenied), FaultTimes::Always);
     assert!(
-        wait_for(Duration::from_secs(8), || s.agent.metric(EVICTED).unwrap()
+        e2e::wait_for(Duration::from_secs(8), || s.agent.metric(EVICTED).unwrap()
             > evicted),
         "{EVICTED} did not rise within 8 s after renewals were denied; calls for the token: {}; log:\n{}",
         s.fake.calls_for_token(&token),
@@ -308,14 +294,14 @@ fn cached_credentials_survive(cluster: &str, fault: Fault) {
     let cached = key_of(&get(&s.pod, &token), &s.agent, "warming fetch");
     s.fake.set_fault(fault, FaultTimes::Always);
     assert!(
-        wait_for(Duration::from_secs(8), || s.fake.calls_for_token(&token)
+        e2e::wait_for(Duration::from_secs(8), || s.fake.calls_for_token(&token)
             >= 2),
         "{fault:?}: no renewal attempt within 8 s; log:\n{}",
         s.agent.logs().unwrap_or_default()
     );
     // Let the failing renewal finish (a hang takes the agent's whole call timeout).
     assert!(
-        wait_for(Duration::from_secs(3), || {
+        e2e::wait_for(Duration::from_secs(3), || {
             s.agent.metric("pod_identity_upstream_in_flight").unwrap() == 0.0
         }),
         "{fault:?}: the renewal call never ended"

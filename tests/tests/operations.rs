@@ -47,19 +47,6 @@ fn v4() -> SocketAddr {
     SocketAddr::from((AGENT_V4, 80))
 }
 
-fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigterm_lets_a_request_in_flight_finish_and_exits_0() {
     if !e2e::privileged("sigterm_lets_a_request_in_flight_finish_and_exits_0") {
@@ -73,7 +60,7 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_0() {
     std::thread::scope(|scope| {
         let in_flight = scope.spawn(|| get(&pod, v4(), &token));
         assert!(
-            wait_for(Duration::from_secs(3), || fake.calls() >= 1),
+            e2e::wait_for(Duration::from_secs(3), || fake.calls() >= 1),
             "the request never reached EKS Auth"
         );
         let started = Instant::now();
@@ -294,7 +281,7 @@ fn no_secret_appears_in_the_logs_even_at_trace() {
         400
     );
     assert!(
-        wait_for(Duration::from_secs(8), || fake.calls_for_token(&renewing)
+        e2e::wait_for(Duration::from_secs(8), || fake.calls_for_token(&renewing)
             >= 2),
         "no renewal within 8 s"
     );

@@ -105,7 +105,10 @@ fn upstream_error(err: SdkError<AssumeRoleForPodIdentityError, HttpResponse>) ->
         SdkError::DispatchFailure(_) => UpstreamError::new(
             503,
             "Unreachable",
-            format!("EKS Auth could not be reached: {}", source_chain(&err)),
+            format!(
+                "EKS Auth could not be reached: {}",
+                crate::error_chain(&err)
+            ),
         ),
         SdkError::ResponseError(_) => {
             UpstreamError::new(502, "BadResponse", "EKS Auth's answer was not readable")
@@ -115,23 +118,11 @@ fn upstream_error(err: SdkError<AssumeRoleForPodIdentityError, HttpResponse>) ->
             "RequestNotSigned",
             format!(
                 "the request to EKS Auth could not be built: {}",
-                source_chain(&err)
+                crate::error_chain(&err)
             ),
         ),
         _ => UpstreamError::new(500, err.code().unwrap_or("UnknownError"), err.to_string()),
     }
-}
-
-/// The error's sources, for a message that names the cause (connection refused, DNS, TLS).
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The answer, checked: all members present, expiration representable.
