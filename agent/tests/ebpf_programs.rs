@@ -7,6 +7,9 @@
 //! then `ip netns exec` into the node namespace. Needs root; under `CI=true` a missing privilege or
 //! tool fails the test instead of skipping it.
 
+// Test helpers outside #[test] functions set up the kernel fixtures: failing loudly is their job.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::{
     fs::File,
     io::ErrorKind,
