@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock as _, DefaultClock};
@@ -78,7 +78,7 @@ pub struct Attribution {
     pod_limit: Option<DefaultKeyedRateLimiter<String>>,
     /// Pod UID → namespace, learned from tokens whose pod the kernel confirmed: labels kernel
     /// counters, which know only cgroups.
-    namespaces: Mutex<HashMap<String, Arc<str>>>,
+    namespaces: RwLock<HashMap<String, Arc<str>>>,
 }
 
 /// Most pods whose namespace is remembered; past it the memory starts afresh.
@@ -103,7 +103,7 @@ impl Attribution {
             binding,
             node_name,
             pod_limit,
-            namespaces: Mutex::new(HashMap::new()),
+            namespaces: RwLock::new(HashMap::new()),
         }
     }
 
@@ -183,12 +183,15 @@ impl Attribution {
     }
 
     fn remember_namespace(&self, pod_uid: &str, namespace: &str) {
-        let Ok(mut known) = self.namespaces.lock() else {
-            return;
-        };
-        if known.get(pod_uid).is_some_and(|ns| &**ns == namespace) {
+        // Known already on every request but a pod's first: a shared read, no exclusive lock.
+        let is_known =
+            |map: &HashMap<String, Arc<str>>| map.get(pod_uid).is_some_and(|ns| &**ns == namespace);
+        if self.namespaces.read().is_ok_and(|map| is_known(&map)) {
             return;
         }
+        let Ok(mut known) = self.namespaces.write() else {
+            return;
+        };
         if known.len() >= MAX_REMEMBERED_PODS {
             known.clear();
         }
@@ -199,13 +202,19 @@ impl Attribution {
     pub fn namespace_of_cgroup(&self, cgroup_id: u64) -> Option<Arc<str>> {
         let info = self.resolver.as_ref()?.resolve(cgroup_id)?;
         let pod = info.pod.as_ref()?;
-        self.namespaces.lock().ok()?.get(&pod.pod_uid).cloned()
+        self.namespaces.read().ok()?.get(&pod.pod_uid).cloned()
     }
 
-    /// Whether a request with this binding result is refused.
-    pub fn refuses(&self, binding: &Binding) -> bool {
-        self.binding == TokenBinding::Enforce
-            && matches!(binding, Binding::Mismatch(_) | Binding::Unattributed(_))
+    /// Why a request with this binding result is refused, if it is (only under `enforce`).
+    pub fn refusal(&self, binding: &Binding) -> Option<String> {
+        match binding {
+            Binding::Mismatch(reason) | Binding::Unattributed(reason)
+                if self.binding == TokenBinding::Enforce =>
+            {
+                Some(reason.clone())
+            }
+            _ => None,
+        }
     }
 
     /// Takes one request from the pod's allowance; `Err` says when to retry.
@@ -310,7 +319,7 @@ mod tests {
             matches!(&other, Binding::Mismatch(r) if r.contains("other-pod")),
             "{other:?}"
         );
-        assert!(a.refuses(&other));
+        assert!(a.refusal(&other).is_some_and(|r| r.contains("other-pod")));
         let node = a.bind(&claims(Some(POD), Some("node-b")), &caller(Some(POD), true));
         assert!(
             matches!(&node, Binding::Mismatch(r) if r.contains("node-b")),
@@ -322,12 +331,12 @@ mod tests {
         ));
         let outside = a.bind(&claims(Some(POD), None), &caller(None, true));
         assert!(matches!(outside, Binding::Unattributed(_)));
-        assert!(a.refuses(&outside));
+        assert!(a.refusal(&outside).is_some());
         assert!(matches!(
             a.bind(&claims(Some(POD), None), &caller(Some(POD), false)),
             Binding::Unattributed(_)
         ));
-        assert!(!a.refuses(&Binding::Match));
+        assert_eq!(a.refusal(&Binding::Match), None);
     }
 
     #[test]
@@ -335,7 +344,7 @@ mod tests {
         let a = policy(TokenBinding::Audit, None);
         let b = a.bind(&claims(Some("other"), None), &caller(Some(POD), true));
         assert_eq!(b.as_str(), "mismatch");
-        assert!(!a.refuses(&b));
+        assert_eq!(a.refusal(&b), None);
         let off = policy(TokenBinding::Off, None);
         assert_eq!(
             off.bind(&claims(Some("other"), None), &caller(Some(POD), true)),

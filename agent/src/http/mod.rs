@@ -110,8 +110,15 @@ impl<R: Retriever> Endpoint<R> {
                     .with_label_values(&[binding.as_str()])
                     .inc();
             }
-            if let Err(e) = &result {
-                tracing::info!(peer = %caller.peer, status, reason = %e, "credential request refused");
+            match &result {
+                // Limits refuse in bursts: one line each would flood the log when it matters least.
+                Err(e @ (RequestError::Throttled | RequestError::PodThrottled { .. })) => {
+                    tracing::debug!(peer = %caller.peer, status, reason = %e, "credential request refused");
+                }
+                Err(e) => {
+                    tracing::info!(peer = %caller.peer, status, reason = %e, "credential request refused")
+                }
+                Ok(_) => {}
             }
             if let Some(audit) = &self.audit {
                 audit.record(self.audit_record(&result, status, elapsed, caller, exchange));
@@ -159,12 +166,9 @@ impl<R: Retriever> Endpoint<R> {
         claims.check(self.clock.unix_now())?;
 
         let binding = self.attribution.bind(&claims, caller);
-        let refused = self.attribution.refuses(&binding);
+        let refusal = self.attribution.refusal(&binding);
         ex.binding = Some(binding.clone());
-        if refused {
-            let (Binding::Mismatch(reason) | Binding::Unattributed(reason)) = binding else {
-                return Err(RequestError::Binding(binding.as_str().to_owned()));
-            };
+        if let Some(reason) = refusal {
             return Err(RequestError::Binding(reason));
         }
         if let Err(retry_after) = self.attribution.check_pod_rate(caller, &claims) {
