@@ -66,10 +66,12 @@ fn test(args: &[String]) -> Result<()> {
         test_args.push("--");
         test_args.extend(args.iter().map(String::as_str));
     }
-    util::cargo(&test_args, &env)?;
+    let counts = util::cargo_test(&test_args, &env)?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &env)?;
     util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
-    println!("xtask test: all passed");
+    println!("xtask test: tests, clippy and rustfmt all passed");
+    // The totals over every test binary, last: cargo's own last line is a doc-test run's.
+    println!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(())
 }
 

@@ -88,3 +88,83 @@ pub fn build_agent(extra: &[&str]) -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// Test totals over every `test result:` line of a `cargo test` run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl TestCounts {
+    /// Adds a line like `test result: ok. 12 passed; 0 failed; 0 ignored; …`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo <args>` (a `cargo test`), passing its output through, and counts its results.
+pub fn cargo_test(args: &[&str], env: &[(&str, &OsStr)]) -> Result<TestCounts> {
+    use std::io::BufRead as _;
+    println!("==> cargo {}", args.join(" "));
+    let mut cmd = Command::new("cargo");
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().context("cannot start cargo")?;
+    let mut counts = TestCounts::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            counts.add_line(&line);
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() {
+        bail!(
+            "`cargo {}` failed ({status}): {} passed, {} failed",
+            args.join(" "),
+            counts.passed,
+            counts.failed
+        );
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestCounts;
+
+    #[test]
+    fn counts_test_result_lines() {
+        let mut c = TestCounts::default();
+        c.add_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.03s");
+        c.add_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s");
+        c.add_line("test foo ... ok");
+        assert_eq!(
+            c,
+            TestCounts {
+                passed: 15,
+                failed: 2
+            }
+        );
+    }
+}
