@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use prometheus::IntCounter;
 use rand::Rng as _;
 
 use super::{ErrorClass, Issued, Retriever, UpstreamError};
@@ -114,6 +115,34 @@ impl<R> Clone for CredentialCache<R> {
     }
 }
 
+/// The `pod_identity_cache_state` series, resolved once: no label lookup per request.
+struct StateCounters {
+    hit: IntCounter,
+    miss: IntCounter,
+    coalesced: IntCounter,
+    refresh: IntCounter,
+}
+
+impl StateCounters {
+    fn new(metrics: &Metrics) -> Self {
+        let state = |s: &str| metrics.cache_state.with_label_values(&[s]);
+        StateCounters {
+            hit: state("hit"),
+            miss: state("miss"),
+            coalesced: state("coalesced"),
+            refresh: state("refresh"),
+        }
+    }
+
+    fn lookup(&self, lookup: Lookup) -> &IntCounter {
+        match lookup {
+            Lookup::Hit => &self.hit,
+            Lookup::Miss => &self.miss,
+            Lookup::Coalesced => &self.coalesced,
+        }
+    }
+}
+
 struct Inner<R> {
     retriever: R,
     /// `None` when caching is off.
@@ -123,6 +152,7 @@ struct Inner<R> {
     renewal_pace: DefaultDirectRateLimiter,
     keep: Option<KeepPredicate>,
     metrics: Metrics,
+    states: StateCounters,
 }
 
 impl<R: Retriever> CredentialCache<R> {
@@ -158,6 +188,7 @@ impl<R: Retriever> CredentialCache<R> {
                 clock,
                 renewal_pace: RateLimiter::direct(Quota::per_second(qps)),
                 keep,
+                states: StateCounters::new(&metrics),
                 metrics,
             }),
         }
@@ -174,11 +205,7 @@ impl<R: Retriever> CredentialCache<R> {
             entries.invalidate(token).await;
             return None;
         }
-        self.inner
-            .metrics
-            .cache_state
-            .with_label_values(&["hit"])
-            .inc();
+        self.inner.states.hit.inc();
         Some(Served {
             issued,
             lookup: Lookup::Hit,
@@ -199,7 +226,7 @@ impl<R: Retriever> CredentialCache<R> {
                 .call_upstream(token, "fetch")
                 .await
                 .map_err(Arc::new)?;
-            inner.metrics.cache_state.with_label_values(&["miss"]).inc();
+            inner.states.miss.inc();
             return Ok(Served {
                 issued: Arc::new(issued),
                 lookup: Lookup::Miss,
@@ -231,28 +258,12 @@ impl<R: Retriever> CredentialCache<R> {
         } else {
             Lookup::Coalesced
         };
-        inner
-            .metrics
-            .cache_state
-            .with_label_values(&[lookup.as_str()])
-            .inc();
+        inner.states.lookup(lookup).inc();
         Ok(Served {
             issued: entry.issued(),
             lookup,
             entry: Some(entry),
         })
-    }
-
-    /// [`Self::lookup`], then [`Self::fetch`] with the claims `claims` gives.
-    pub async fn get(
-        &self,
-        token: &str,
-        claims: impl FnOnce() -> Arc<Claims>,
-    ) -> Result<Served, Arc<UpstreamError>> {
-        match self.lookup(token).await {
-            Some(served) => Ok(served),
-            None => self.fetch(token, claims()).await,
-        }
     }
 
     /// A cached entry with usable credentials that `matches`, for serving a new token of the same
@@ -394,11 +405,7 @@ async fn renew<R: Retriever>(inner: Weak<Inner<R>>, entry: Weak<Entry>) {
             Ok(issued) => {
                 delay = inner.renewal_delay(&issued);
                 entry.issued.store(Arc::new(issued));
-                inner
-                    .metrics
-                    .cache_state
-                    .with_label_values(&["refresh"])
-                    .inc();
+                inner.states.refresh.inc();
                 failures = 0;
             }
             Err(e) if e.class() == ErrorClass::Permanent => {

@@ -71,6 +71,18 @@ fn config(max_entries: u64) -> CacheConfig {
     }
 }
 
+/// `lookup`, then `fetch` on a miss, as the endpoint does.
+async fn get(
+    cache: &CredentialCache<Arc<Upstream>>,
+    token: &str,
+    claims: impl FnOnce() -> Arc<Claims>,
+) -> Result<Served, Arc<UpstreamError>> {
+    match cache.lookup(token).await {
+        Some(served) => Ok(served),
+        None => cache.fetch(token, claims()).await,
+    }
+}
+
 fn cache(
     upstream: &Arc<Upstream>,
     config: CacheConfig,
@@ -94,7 +106,7 @@ fn subject() -> Arc<Claims> {
 }
 
 async fn key_id(cache: &CredentialCache<Arc<Upstream>>, token: &str) -> (String, Lookup) {
-    let served = cache.get(token, subject).await.unwrap();
+    let served = get(cache, token, subject).await.unwrap();
     (
         served.issued.credentials.access_key_id.clone(),
         served.lookup,
@@ -147,7 +159,7 @@ async fn concurrent_cold_requests_share_an_error_too() {
     let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
     up.fail_next("ThrottlingException", 429);
     let cache = cache(&up, config(10), None);
-    let (a, b) = tokio::join!(cache.get("t", subject), cache.get("t", subject));
+    let (a, b) = tokio::join!(get(&cache, "t", subject), get(&cache, "t", subject));
     assert_eq!(a.err().unwrap().status, 429);
     assert_eq!(b.err().unwrap().status, 429);
     assert_eq!(up.calls(), 1);
@@ -271,9 +283,9 @@ async fn entries_whose_owner_is_gone_are_evicted_not_renewed() {
     let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
     let keep: KeepPredicate = Arc::new(|entry: &Entry| entry.owner_cgroup() != Some(42));
     let cache = cache(&up, config(10), Some(keep));
-    let served = cache.get("gone", subject).await.unwrap();
+    let served = get(&cache, "gone", subject).await.unwrap();
     served.entry.unwrap().set_owner_cgroup(42);
-    let served = cache.get("alive", subject).await.unwrap();
+    let served = get(&cache, "alive", subject).await.unwrap();
     served.entry.unwrap().set_owner_cgroup(7);
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 3, "only the live entry was renewed");
@@ -286,15 +298,14 @@ async fn entries_of_expired_tokens_are_not_renewed() {
     let up = Upstream::new(clock, Duration::from_secs(3600));
     let cache = cache(&up, config(10), None);
     let exp = clock.unix_now() + 600;
-    cache
-        .get("t", || {
-            Arc::new(Claims {
-                exp,
-                ..Claims::default()
-            })
+    get(&cache, "t", || {
+        Arc::new(Claims {
+            exp,
+            ..Claims::default()
         })
-        .await
-        .unwrap();
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 1);
     assert_eq!(cache.entry_count().await, 0);
