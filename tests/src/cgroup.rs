@@ -155,16 +155,6 @@ impl Drop for TestCgroupRoot {
     }
 }
 
-/// The cgroup v2 path of a process as `/proc/<pid>/cgroup` shows it (the `0::` line).
-pub fn cgroup_of(pid: u32) -> Result<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .with_context(|| format!("reading /proc/{pid}/cgroup"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
-        .context("no cgroup v2 line in /proc/<pid>/cgroup")
-}
-
 /// cgroup attach types of the agent's programs, as `BPF_PROG_QUERY` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BpfAttachType {

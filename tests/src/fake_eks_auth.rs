@@ -88,15 +88,6 @@ impl ApiError {
             _ => StatusCode::BAD_REQUEST,
         }
     }
-
-    /// Whether the error is transient (retrying the same token may succeed).
-    #[must_use]
-    pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Self::Throttling | Self::InternalServer | Self::ServiceUnavailable
-        )
-    }
 }
 
 /// A misbehaviour to inject.
@@ -222,13 +213,6 @@ impl TokenSpec {
     #[must_use]
     pub fn audience(mut self, audience: &str) -> Self {
         audience.clone_into(&mut self.audience);
-        self
-    }
-
-    /// Sets a fixed `jti`.
-    #[must_use]
-    pub fn jti(mut self, jti: &str) -> Self {
-        self.jti = Some(jti.to_owned());
         self
     }
 }
@@ -595,25 +579,10 @@ impl FakeEksAuth {
         self.shared.state().requests.last().cloned()
     }
 
-    /// Every request received, oldest first.
-    #[must_use]
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.state().requests.clone()
-    }
-
     /// Every set of credentials handed out, oldest first.
     #[must_use]
     pub fn issued(&self) -> Vec<IssuedCredentials> {
         self.shared.state().issued.clone()
-    }
-
-    /// Forgets recorded calls, requests and issued credentials (associations and faults stay).
-    pub fn reset_counters(&self) {
-        let mut state = self.shared.state();
-        state.calls = 0;
-        state.calls_by_jti.clear();
-        state.requests.clear();
-        state.issued.clear();
     }
 }
 

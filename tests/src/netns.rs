@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
@@ -92,15 +92,6 @@ impl NetNs {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         ip(&all)
-    }
-
-    /// Runs `ip netns exec <name> <program> <args>` to completion.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .with_context(|| format!("ip netns exec {} {program}", self.name))
     }
 
     /// Sets a sysctl inside the namespace (`key` in dotted form, e.g. `net.ipv6.conf.all.accept_dad`).

@@ -319,8 +319,22 @@ fn audit_records_name_the_calling_pod_process_and_cgroup() {
         vec![0, 0, 0],
         "no program stays attached after the agent exits"
     );
-    // A connect from a pod now reaches no program: nothing is refused and nothing recorded; and an
-    // agent started again attaches exactly once more and attributes again.
+    // A connect from a pod now reaches no program: none is refused with EPERM, each finds nothing
+    // listening (the addresses `initialize` made stay). An agent started again attaches exactly
+    // once more and attributes again.
+    let down = web
+        .connect_flood(
+            &[Family::V4, Family::V6, Family::V4Mapped],
+            3,
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+        .unwrap();
+    assert!(
+        down.attempts.iter().all(|a| a.errno == libc::ECONNREFUSED),
+        "with the agent stopped, connects are refused by the stack, not the programs: {:?}",
+        down.attempts
+    );
     let audit2 = node.dir().join("audit2.log");
     let again = AgentProcess::start(&node, &fake, AgentArgs::default().audit_log(&audit2)).unwrap();
     assert_eq!(programs_attached(&node), vec![1, 1, 1]);

@@ -247,20 +247,26 @@ fn an_oversized_header_is_refused_and_the_agent_stays_up() {
     let token = s.pod.refresh_token(&s.fake).unwrap();
     let pad = "x".repeat(64 * 1024);
     let huge_token = format!("{token}{pad}");
-    for (what, request) in [
+    // `may_reset`: a 64 KiB head is more than the agent reads (16 KiB), so it may close with
+    // unread bytes, which resets the connection and can lose the 431 on its way. 200 short headers
+    // (a few KiB) are read whole, so nothing can reset that connection: the 431 must arrive.
+    for (what, request, may_reset) in [
         (
             "64 KiB X-Pad header",
             credentials_request("169.254.170.23", &token).header("X-Pad", &pad),
+            true,
         ),
         (
             "64 KiB Authorization",
             credentials_request("169.254.170.23", &huge_token),
+            true,
         ),
         (
             "200 headers",
             (0..200).fold(credentials_request("169.254.170.23", &token), |r, i| {
                 r.header(&format!("X-H{i}"), "v")
             }),
+            false,
         ),
     ] {
         match s
@@ -268,8 +274,8 @@ fn an_oversized_header_is_refused_and_the_agent_stays_up() {
             .raw_http(v4(), &request.to_bytes(), Duration::from_secs(5))
         {
             Ok(r) => assert_eq!(r.status, 431, "{what}: {}", r.body_text()),
-            // The server may close (or reset) the connection without an answer.
-            Err(e) => eprintln!("{what}: no response ({e:#})"),
+            Err(e) if may_reset => eprintln!("{what}: no response ({e:#})"),
+            Err(e) => panic!("{what}: no response ({e:#})"),
         }
         assert!(
             s.agent.try_exit_status().unwrap().is_none(),
@@ -305,12 +311,14 @@ fn silent_and_slow_clients_do_not_block_others() {
         idle.push(stream);
     }
     assert_eq!(s.fake.calls(), 0);
+    // A request queued behind the silent clients would wait for the agent's header-read timeout
+    // (5 s) to drop them; the bound sits well under that and well over a loaded machine's latency.
     for _ in 0..3 {
         let started = Instant::now();
         let r = send(&s.pod, v4(), &credentials_request("169.254.170.23", &token));
         assert_eq!(r.status, 200, "{}", r.body_text());
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(3),
             "a request behind silent clients took {:?}",
             started.elapsed()
         );

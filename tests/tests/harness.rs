@@ -222,13 +222,13 @@ fn a_pod_s_long_running_process_is_killed_on_drop() {
     let mut child = pod.command("sleep").arg("600").spawn().unwrap();
     // Wait for the child to have joined the cgroup.
     let procs = pod.cgroup.join("cgroup.procs");
-    for _ in 0..100 {
-        if !std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!std::fs::read_to_string(&procs).unwrap().trim().is_empty());
+    assert!(
+        e2e::wait_for(Duration::from_secs(2), || {
+            !std::fs::read_to_string(&procs).unwrap().trim().is_empty()
+        }),
+        "the pod's process never joined {}",
+        procs.display()
+    );
     let cgroup = pod.pod_cgroup.clone();
     drop(pod);
     assert!(!cgroup.exists());
@@ -335,11 +335,22 @@ fn sdk_clients_fetch_as_a_pod_over_v4_and_v6() {
 
     // A wrong token fails both clients, and the failure text comes back.
     pod.write_token("wrong").unwrap();
-    let err = pod
-        .fetch_with_rust_sdk(e2e::node::CREDENTIALS_URI_V4)
-        .unwrap()
-        .unwrap_err();
-    assert!(!err.stderr.is_empty());
+    for (sdk, outcome) in [
+        (
+            "rust sdk",
+            pod.fetch_with_rust_sdk(e2e::node::CREDENTIALS_URI_V4),
+        ),
+        (
+            "botocore",
+            pod.fetch_with_botocore(e2e::node::CREDENTIALS_URI_V4),
+        ),
+    ] {
+        let err = match outcome.unwrap() {
+            Ok(creds) => panic!("{sdk} with a wrong token got {creds:?}"),
+            Err(err) => err,
+        };
+        assert!(!err.stderr.is_empty(), "{sdk}: {err}");
+    }
 
     // Raw HTTP from the pod's namespace (test process) and as the pod (child process).
     let request = e2e::clients::RawRequest::get("/v1/credentials")

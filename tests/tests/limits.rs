@@ -19,13 +19,14 @@ fn jti(token: &str) -> String {
     decode_unverified(token).unwrap().jti
 }
 
-/// Checks that every connect of `flood` either succeeded or was refused with `EPERM` at once.
+/// Checks that every connect of `flood` either succeeded or was refused with `EPERM` at once: well
+/// under the 1 s a first SYN retransmission would take, with room for a loaded machine's scheduling.
 fn assert_refusals_are_eperm_at_once(flood: &FloodReport) {
     for a in &flood.attempts {
         assert!(a.errno == 0 || a.errno == EPERM, "unexpected errno: {a:?}");
         if a.errno == EPERM {
             assert!(
-                a.elapsed_us < 100_000,
+                a.elapsed_us < 500_000,
                 "a refused connect fails at once, not after SYN retries: {a:?}"
             );
         }
@@ -95,7 +96,7 @@ fn a_connect_flood_is_refused_in_the_kernel_while_a_neighbour_is_served() {
 
     // A longer flood, with the neighbour fetching through both addresses meanwhile.
     let started = Instant::now();
-    let child = flooder
+    let mut child = flooder
         .connect_flood_command(&all, 0, Duration::from_secs(4), Duration::from_millis(5))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -110,11 +111,11 @@ fn a_connect_flood_is_refused_in_the_kernel_while_a_neighbour_is_served() {
         );
     }
     let neighbour_done = started.elapsed();
-    let long = FloodReport::parse(&child.wait_with_output().unwrap()).unwrap();
     assert!(
-        neighbour_done < Duration::from_secs(4),
-        "the neighbour was served while the flood went on ({neighbour_done:?})"
+        child.try_wait().unwrap().is_none(),
+        "the neighbour was served while the flood went on (it took {neighbour_done:?}, the flood 4 s)"
     );
+    let long = FloodReport::parse(&child.wait_with_output().unwrap()).unwrap();
     assert_refusals_are_eperm_at_once(&long);
     // 1 connection a second over ~4 s, plus at most one whole token of slack.
     assert!(

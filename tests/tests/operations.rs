@@ -55,7 +55,7 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_0() {
     let (_node, fake, pod) = node_with_pod("e2e-sigterm");
     let agent = AgentProcess::start(&_node, &fake, AgentArgs::default()).unwrap();
     // Slow, but inside the agent's own per-attempt timeout (400 ms), so the call itself succeeds.
-    fake.set_delay(Duration::from_millis(350));
+    fake.set_delay(Duration::from_millis(250));
     let token = pod.refresh_token(&fake).unwrap();
     std::thread::scope(|scope| {
         let in_flight = scope.spawn(|| get(&pod, v4(), &token));

@@ -58,7 +58,11 @@ fn test(args: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces, links and cgroups")?;
     setup::run()?;
     let agent = util::build_agent(&[])?;
-    let env = [("EKS_POD_IDENTITY_AGENT_BIN", agent.as_os_str())];
+    // This command runs everything for real: a privileged test that cannot run fails, as in CI.
+    let env = [
+        ("EKS_POD_IDENTITY_AGENT_BIN", agent.as_os_str()),
+        ("CI", std::ffi::OsStr::new("true")),
+    ];
     // The workspace's default members: everything but the eBPF crate, which only builds for the
     // BPF target (the agent's build script builds it).
     let mut test_args = vec!["test"];

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "wrk", "hyperfine"];
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "wrk"];
 
 fn run_step(name: &str, manual: &str, step: impl FnOnce() -> Result<&'static str>) -> Result<()> {
     match step() {

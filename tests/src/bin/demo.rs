@@ -287,11 +287,16 @@ fn replayed_token_refused(demo: &mut Demo) -> Result<()> {
     );
     let replay = thief.python_requests(Family::V4, &victim.token_path(), 1, false)?;
     let ex = &replay.exchanges[0];
+    // A 200 here (the failure this scenario looks for) carries a secret key and a session token.
+    let body = if ex.status == Some(200) {
+        "(credentials, not shown)"
+    } else {
+        ex.body.trim()
+    };
     println!(
-        "   -> {} {}",
+        "   -> {} {body}",
         ex.status
             .map_or_else(|| "no response".to_owned(), |s| s.to_string()),
-        ex.body.trim()
     );
     let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
     let record = records.iter().find(|r| r["caller"]["pid"] == replay.pid);
@@ -379,7 +384,8 @@ fn flood_refused_in_kernel(demo: &mut Demo) -> Result<()> {
     if served.is_err() {
         bail!("the neighbour was not served during the flood");
     }
-    if refused < 50 || flood.connected() > 5 || slowest > 100_000 {
+    // "At once": well under the 1 s of a first SYN retransmission, as in tests/limits.rs.
+    if refused < 50 || flood.connected() > 5 || slowest > 500_000 {
         bail!(
             "expected most connects refused with EPERM at once, got {} passed, {refused} refused, slowest {slowest} µs",
             flood.connected()
