@@ -15,10 +15,11 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::cgroup::CgroupDriver;
 use crate::clients::{RawResponse, http_get_in};
 use crate::fake_eks_auth::FakeEksAuth;
 use crate::netns::NetNs;
-use crate::node::SimNode;
+use crate::node::{Pod, PodSpec, SimNode};
 
 /// The agent binary: `$EKS_POD_IDENTITY_AGENT_BIN`, else `target/debug/eks-pod-identity-agent`.
 pub fn agent_bin() -> Result<PathBuf> {
@@ -35,6 +36,32 @@ pub fn start_fake_eks_auth_in(netns: &NetNs, cluster: &str) -> Result<FakeEksAut
         .run(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?
         .context("binding the fake EKS Auth inside the node")?;
     FakeEksAuth::start(listener, cluster)
+}
+
+/// Most tests' opening: a fresh node, a fake EKS Auth for `cluster` inside it with `shop`/`web-sa`
+/// associated with `web-role`, and one pod of `shop`/`web-sa` per name in `pods`, added in order. The
+/// first pod uses the systemd cgroup driver (kubelet's default), any later one cgroupfs, so two pods
+/// cover both of kubelet's cgroup layouts. No tokens are written and no agent is started.
+pub fn node_with_web_pods<const N: usize>(
+    cluster: &str,
+    pods: [&str; N],
+) -> Result<(SimNode, FakeEksAuth, [Pod; N])> {
+    let node = SimNode::new()?;
+    let fake = start_fake_eks_auth_in(node.netns(), cluster)?;
+    fake.associate("shop", "web-sa", "web-role");
+    let mut added = Vec::with_capacity(N);
+    for (i, name) in pods.into_iter().enumerate() {
+        let driver = if i == 0 {
+            CgroupDriver::Systemd
+        } else {
+            CgroupDriver::Cgroupfs
+        };
+        added.push(node.add_pod(PodSpec::new(name, "shop", "web-sa").driver(driver))?);
+    }
+    let Ok(pods) = added.try_into() else {
+        unreachable!("one pod per name")
+    };
+    Ok((node, fake, pods))
 }
 
 /// How to run the agent's `server`.

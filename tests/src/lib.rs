@@ -6,7 +6,8 @@
 //! - [`node`]: [`node::SimNode`] (a node namespace) and [`node::Pod`]s joined to it, run commands as a pod;
 //! - [`fake_eks_auth`]: EKS Auth's wire format, the token issuer, fault injection, call observation;
 //! - [`clients`]: the real SDK clients run as a pod, and raw HTTP for inputs no SDK would send;
-//! - [`agent`]: the agent binary run inside a node, its probes, metrics and logs.
+//! - [`agent`]: the agent binary run inside a node, its probes, metrics and logs; and
+//!   [`agent::node_with_web_pods`], the node + fake EKS Auth + pods most tests open with.
 //!
 //! Privileged tests start with `if !e2e::privileged("name") { return; }`: outside CI a machine without root
 //! or the kernel features skips them; under `CI=true` the same situation fails the test.

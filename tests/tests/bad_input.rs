@@ -6,12 +6,10 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods};
 use e2e::clients::{RawRequest, RawResponse};
 use e2e::fake_eks_auth::{FakeEksAuth, TokenSpec};
-use e2e::node::{
-    AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, PodSpec, SimNode,
-};
+use e2e::node::{AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, SimNode};
 
 struct Setup {
     agent: AgentProcess,
@@ -21,12 +19,7 @@ struct Setup {
 }
 
 fn setup(cluster: &str) -> Setup {
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), cluster).unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let pod = node
-        .add_pod(PodSpec::new("web-0", "shop", "web-sa"))
-        .unwrap();
+    let (node, fake, [pod]) = node_with_web_pods(cluster, ["web-0"]).unwrap();
     let agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
     Setup {
         agent,

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in, wait_audit_records};
-use e2e::cgroup::CgroupDriver;
+use e2e::agent::{
+    AgentArgs, AgentProcess, node_with_web_pods, start_fake_eks_auth_in, wait_audit_records,
+};
 use e2e::clients::Family;
 use e2e::fake_eks_auth::{ApiError, Fault, FaultTimes, decode_unverified};
 use e2e::node::{CREDENTIALS_URI_V4, PodSpec, SimNode};
@@ -25,16 +26,8 @@ fn enforce_refuses_replayed_and_foreign_node_tokens_and_unattributed_callers() {
     {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-enforce").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
+    let (node, fake, [a, b]) = node_with_web_pods("e2e-enforce", ["web-a", "web-b"]).unwrap();
     fake.associate("none", "none", "host-role");
-    let a = node
-        .add_pod(PodSpec::new("web-a", "shop", "web-sa"))
-        .unwrap();
-    let b = node
-        .add_pod(PodSpec::new("web-b", "shop", "web-sa").driver(CgroupDriver::Cgroupfs))
-        .unwrap();
     let c = node
         .add_pod(PodSpec::new("web-c", "shop", "web-sa"))
         .unwrap();
@@ -164,15 +157,7 @@ fn audit_mode_serves_a_replayed_token_and_records_the_mismatch() {
     if !e2e::privileged("audit_mode_serves_a_replayed_token_and_records_the_mismatch") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-audit-mode").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let a = node
-        .add_pod(PodSpec::new("web-a", "shop", "web-sa"))
-        .unwrap();
-    let b = node
-        .add_pod(PodSpec::new("web-b", "shop", "web-sa").driver(CgroupDriver::Cgroupfs))
-        .unwrap();
+    let (node, fake, [a, b]) = node_with_web_pods("e2e-audit-mode", ["web-a", "web-b"]).unwrap();
     a.refresh_token(&fake).unwrap();
     let audit = node.dir().join("audit.log");
     let agent = AgentProcess::start(
@@ -248,12 +233,7 @@ fn audit_mode_without_the_ebpf_programs_serves_unattributed() {
     if !e2e::privileged("audit_mode_without_the_ebpf_programs_serves_unattributed") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-audit-no-ebpf").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let a = node
-        .add_pod(PodSpec::new("web-a", "shop", "web-sa"))
-        .unwrap();
+    let (node, fake, [a]) = node_with_web_pods("e2e-audit-no-ebpf", ["web-a"]).unwrap();
     a.refresh_token(&fake).unwrap();
     let audit = node.dir().join("audit.log");
     let args = AgentArgs {
@@ -301,15 +281,7 @@ fn a_token_rotated_during_an_outage_gets_the_pods_cached_credentials() {
     if !e2e::privileged("a_token_rotated_during_an_outage_gets_the_pods_cached_credentials") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-rotation").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let a = node
-        .add_pod(PodSpec::new("web-a", "shop", "web-sa"))
-        .unwrap();
-    let b = node
-        .add_pod(PodSpec::new("web-b", "shop", "web-sa").driver(CgroupDriver::Cgroupfs))
-        .unwrap();
+    let (node, fake, [a, b]) = node_with_web_pods("e2e-rotation", ["web-a", "web-b"]).unwrap();
     a.refresh_token(&fake).unwrap();
     b.refresh_token(&fake).unwrap();
     let audit = node.dir().join("audit.log");

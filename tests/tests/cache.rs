@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods};
 use e2e::clients::{RawRequest, RawResponse};
 use e2e::fake_eks_auth::{ApiError, FakeEksAuth, Fault, FaultTimes};
-use e2e::node::{AGENT_V4, CREDENTIALS_URI_V4, Pod, PodSpec, SimNode};
+use e2e::node::{AGENT_V4, CREDENTIALS_URI_V4, Pod, SimNode};
 
 const HIT: &str = r#"pod_identity_cache_state{state="hit"}"#;
 const MISS: &str = r#"pod_identity_cache_state{state="miss"}"#;
@@ -25,12 +25,7 @@ struct Setup {
 }
 
 fn setup(cluster: &str, extra: &[&str]) -> Setup {
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), cluster).unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let pod = node
-        .add_pod(PodSpec::new("web-0", "shop", "web-sa"))
-        .unwrap();
+    let (node, fake, [pod]) = node_with_web_pods(cluster, ["web-0"]).unwrap();
     let agent = AgentProcess::start(
         &node,
         &fake,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, start_fake_eks_auth_in};
 use e2e::cgroup::CgroupDriver;
 use e2e::clients::RawRequest;
 use e2e::node::{AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, PodSpec, SimNode};
@@ -71,12 +71,7 @@ fn sdks_get_exactly_the_credentials_the_fake_issued_over_v4_and_v6() {
     if !e2e::privileged("sdks_get_exactly_the_credentials_the_fake_issued_over_v4_and_v6") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-exact").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let pod = node
-        .add_pod(PodSpec::new("web-0", "shop", "web-sa"))
-        .unwrap();
+    let (node, fake, [pod]) = node_with_web_pods("e2e-exact", ["web-0"]).unwrap();
     let agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
 
     type Fetch = fn(&e2e::node::Pod, &str) -> anyhow::Result<e2e::clients::FetchOutcome>;
@@ -132,12 +127,7 @@ fn the_success_response_is_json_with_a_z_expiration_and_no_code() {
     if !e2e::privileged("the_success_response_is_json_with_a_z_expiration_and_no_code") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-shape").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let pod = node
-        .add_pod(PodSpec::new("web-0", "shop", "web-sa"))
-        .unwrap();
+    let (node, fake, [pod]) = node_with_web_pods("e2e-shape", ["web-0"]).unwrap();
     let _agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
 
     for (addr, host) in [

@@ -7,7 +7,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, start_fake_eks_auth_in};
 use e2e::cgroup::CgroupDriver;
 use e2e::clients::{Family, FloodReport};
 use e2e::fake_eks_auth::decode_unverified;
@@ -148,15 +148,8 @@ fn the_request_limit_answers_429_with_retry_after_on_a_keep_alive_connection() {
     {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-request-limit").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let busy = node
-        .add_pod(PodSpec::new("busy-0", "shop", "web-sa"))
-        .unwrap();
-    let other = node
-        .add_pod(PodSpec::new("other-0", "shop", "web-sa").driver(CgroupDriver::Cgroupfs))
-        .unwrap();
+    let (node, fake, [busy, other]) =
+        node_with_web_pods("e2e-request-limit", ["busy-0", "other-0"]).unwrap();
     busy.refresh_token(&fake).unwrap();
     other.refresh_token(&fake).unwrap();
     let agent = AgentProcess::start(
@@ -226,15 +219,8 @@ fn renewals_stop_once_a_pod_is_deleted() {
     if !e2e::privileged("renewals_stop_once_a_pod_is_deleted") {
         return;
     }
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), "e2e-lifecycle").unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let doomed = node
-        .add_pod(PodSpec::new("doomed-0", "shop", "web-sa"))
-        .unwrap();
-    let live = node
-        .add_pod(PodSpec::new("live-0", "shop", "web-sa").driver(CgroupDriver::Cgroupfs))
-        .unwrap();
+    let (node, fake, [doomed, live]) =
+        node_with_web_pods("e2e-lifecycle", ["doomed-0", "live-0"]).unwrap();
     let doomed_jti = jti(&doomed.refresh_token(&fake).unwrap());
     let live_jti = jti(&live.refresh_token(&fake).unwrap());
     let agent = AgentProcess::start(

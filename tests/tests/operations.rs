@@ -7,12 +7,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods};
 use e2e::clients::{RawRequest, RawResponse};
 use e2e::fake_eks_auth::{ApiError, FakeEksAuth, Fault, FaultTimes};
-use e2e::node::{
-    AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, PodSpec, SimNode,
-};
+use e2e::node::{AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod};
 
 /// The original agent's counters, whose names must stay exactly as they are (no `_total`).
 const ORIGINAL_COUNTERS: [&str; 3] = [
@@ -20,16 +18,6 @@ const ORIGINAL_COUNTERS: [&str; 3] = [
     "pod_identity_cache_state",
     "pod_identity_cache_errors",
 ];
-
-fn node_with_pod(cluster: &str) -> (SimNode, FakeEksAuth, Pod) {
-    let node = SimNode::new().unwrap();
-    let fake = start_fake_eks_auth_in(node.netns(), cluster).unwrap();
-    fake.associate("shop", "web-sa", "web-role");
-    let pod = node
-        .add_pod(PodSpec::new("web-0", "shop", "web-sa"))
-        .unwrap();
-    (node, fake, pod)
-}
 
 fn get(pod: &Pod, addr: SocketAddr, token: &str) -> anyhow::Result<RawResponse> {
     let host = match addr {
@@ -52,7 +40,7 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_0() {
     if !e2e::privileged("sigterm_lets_a_request_in_flight_finish_and_exits_0") {
         return;
     }
-    let (_node, fake, pod) = node_with_pod("e2e-sigterm");
+    let (_node, fake, [pod]) = node_with_web_pods("e2e-sigterm", ["web-0"]).unwrap();
     let agent = AgentProcess::start(&_node, &fake, AgentArgs::default()).unwrap();
     // Slow, but inside the agent's own per-attempt timeout (400 ms), so the call itself succeeds.
     fake.set_delay(Duration::from_millis(250));
@@ -96,7 +84,7 @@ fn probes_answer_on_the_probe_port_and_the_metrics_port() {
     if !e2e::privileged("probes_answer_on_the_probe_port_and_the_metrics_port") {
         return;
     }
-    let (node, fake, _pod) = node_with_pod("e2e-probes");
+    let (node, fake, [_pod]) = node_with_web_pods("e2e-probes", ["web-0"]).unwrap();
     let agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
     for path in ["/healthz", "/readyz"] {
         let r = agent.probe(path).unwrap();
@@ -146,7 +134,7 @@ fn metrics_pass_promtool_and_keep_the_original_names() {
     if !e2e::privileged("metrics_pass_promtool_and_keep_the_original_names") {
         return;
     }
-    let (node, fake, pod) = node_with_pod("e2e-metrics");
+    let (node, fake, [pod]) = node_with_web_pods("e2e-metrics", ["web-0"]).unwrap();
     let agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
     // Traffic of every kind: a miss, a hit, a refusal, an upstream error.
     let token = pod.refresh_token(&fake).unwrap();
@@ -248,7 +236,7 @@ fn no_secret_appears_in_the_logs_even_at_trace() {
     if !e2e::privileged("no_secret_appears_in_the_logs_even_at_trace") {
         return;
     }
-    let (node, fake, pod) = node_with_pod("e2e-secrets");
+    let (node, fake, [pod]) = node_with_web_pods("e2e-secrets", ["web-0"]).unwrap();
     let agent = AgentProcess::start(
         &node,
         &fake,
@@ -324,7 +312,7 @@ fn a_bind_host_that_is_not_on_the_node_is_skipped_with_a_warning() {
     if !e2e::privileged("a_bind_host_that_is_not_on_the_node_is_skipped_with_a_warning") {
         return;
     }
-    let (node, fake, pod) = node_with_pod("e2e-missinghost");
+    let (node, fake, [pod]) = node_with_web_pods("e2e-missinghost", ["web-0"]).unwrap();
     let agent = AgentProcess::start(
         &node,
         &fake,
@@ -378,7 +366,7 @@ fn rotate_credentials_signs_with_the_rewritten_key_without_a_restart() {
     if !e2e::privileged("rotate_credentials_signs_with_the_rewritten_key_without_a_restart") {
         return;
     }
-    let (node, fake, pod) = node_with_pod("e2e-rotate");
+    let (node, fake, [pod]) = node_with_web_pods("e2e-rotate", ["web-0"]).unwrap();
     let file = node.dir().join("agent-credentials");
     write_credentials_file(&file, "AKIAE2EROTATED000001", "rotated-secret-one");
     let mut args = AgentArgs::default().args(["--rotate-credentials"]);
