@@ -136,6 +136,16 @@ fn pod_caller(pod: &str) -> Caller {
     }
 }
 
+/// A credential request as an SDK sends it, to the agent's IPv4 address.
+async fn fetch(e: &Endpoint<Arc<Upstream>>, token: &str, caller: &Caller) -> (u16, String) {
+    send(
+        e,
+        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(token)),
+        caller,
+    )
+    .await
+}
+
 async fn send(e: &Endpoint<Arc<Upstream>>, req: Request<()>, caller: &Caller) -> (u16, String) {
     let r = e.handle(req, caller).await;
     let status = r.status().as_u16();
@@ -148,12 +158,7 @@ async fn serves_credentials_then_hits_the_cache() {
     let up = Arc::new(Upstream::default());
     let e = endpoint(&up, Attribution::off(), no_limit());
     let t = token(POD, "cart", "j1");
-    let (status, body) = send(
-        &e,
-        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-        &anonymous(),
-    )
-    .await;
+    let (status, body) = fetch(&e, &t, &anonymous()).await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["AccessKeyId"], "ASIA1");
@@ -224,23 +229,9 @@ async fn bad_requests_get_their_status() {
         (status, body.as_str()),
         (400, "no token in the Authorization header")
     );
-    assert_eq!(
-        send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some("garbage")),
-            &c
-        )
-        .await
-        .0,
-        400
-    );
+    assert_eq!(fetch(&e, "garbage", &c).await.0, 400);
     let expired = unsigned_token(&json!({"aud": "pods.eks.amazonaws.com", "exp": 1000}));
-    let (status, body) = send(
-        &e,
-        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&expired)),
-        &c,
-    )
-    .await;
+    let (status, body) = fetch(&e, &expired, &c).await;
     assert_eq!((status, body.as_str()), (400, "the token has expired"));
     assert_eq!(
         up.calls.load(Ordering::SeqCst),
@@ -263,12 +254,7 @@ async fn upstream_errors_keep_their_status_and_code() {
             .unwrap()
             .push_back(UpstreamError::new(status, code, "said upstream"));
         let t = token(POD, "cart", code);
-        let got = send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-            &anonymous(),
-        )
-        .await;
+        let got = fetch(&e, &t, &anonymous()).await;
         assert_eq!(got, (status, format!("({code}): said upstream")));
     }
 }
@@ -279,34 +265,11 @@ async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() 
     let policy = Attribution::new(None, None, TokenBinding::Enforce, None, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let t = token(POD, "cart", "j1");
-    let (status, body) = send(
-        &e,
-        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-        &pod_caller("another-pod"),
-    )
-    .await;
+    let (status, body) = fetch(&e, &t, &pod_caller("another-pod")).await;
     assert_eq!(status, 403);
     assert!(body.contains("another-pod"), "{body}");
-    assert_eq!(
-        send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-            &anonymous()
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(
-        send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-            &pod_caller(POD)
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(fetch(&e, &t, &anonymous()).await.0, 403);
+    assert_eq!(fetch(&e, &t, &pod_caller(POD)).await.0, 200);
 }
 
 #[tokio::test]
@@ -315,12 +278,7 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
     let policy = Attribution::new(None, None, TokenBinding::Audit, None, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let old = token(POD, "cart", "old");
-    let (status, first) = send(
-        &e,
-        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&old)),
-        &pod_caller(POD),
-    )
-    .await;
+    let (status, first) = fetch(&e, &old, &pod_caller(POD)).await;
     assert_eq!(status, 200);
     up.script.lock().unwrap().extend([
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
@@ -328,36 +286,13 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
     ]);
     let new = token(POD, "cart", "new");
-    let (status, body) = send(
-        &e,
-        request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new)),
-        &pod_caller(POD),
-    )
-    .await;
+    let (status, body) = fetch(&e, &new, &pod_caller(POD)).await;
     assert_eq!((status, &body), (200, &first));
     // Not for another service account of the pod, nor for a caller the kernel does not place in it.
     let other_sa = token(POD, "admin", "new2");
-    assert_eq!(
-        send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&other_sa)),
-            &pod_caller(POD)
-        )
-        .await
-        .0,
-        503
-    );
+    assert_eq!(fetch(&e, &other_sa, &pod_caller(POD)).await.0, 503);
     let new3 = token(POD, "cart", "new3");
-    assert_eq!(
-        send(
-            &e,
-            request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&new3)),
-            &anonymous()
-        )
-        .await
-        .0,
-        503
-    );
+    assert_eq!(fetch(&e, &new3, &anonymous()).await.0, 503);
 }
 
 #[tokio::test]
@@ -374,15 +309,7 @@ async fn the_node_wide_limit_answers_429() {
     let t = token(POD, "cart", "j1");
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(
-            send(
-                &e,
-                request("GET", CREDENTIALS_PATH, "169.254.170.23", Some(&t)),
-                &anonymous(),
-            )
-            .await
-            .0,
-        );
+        statuses.push(fetch(&e, &t, &anonymous()).await.0);
     }
     assert_eq!(statuses, [200, 200, 429]);
 }
