@@ -399,10 +399,7 @@ impl RawResponse {
     /// The first header of that (case-insensitive) name.
     #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::find_header(&self.headers, name)
     }
 
     /// The body as text (lossy).
@@ -506,10 +503,7 @@ impl PyExchange {
     /// The first header of that (case-insensitive) name.
     #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::find_header(&self.headers, name)
     }
 }
 

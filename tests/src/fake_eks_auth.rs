@@ -302,10 +302,7 @@ impl RecordedRequest {
     /// The first header of that (case-insensitive) name.
     #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::find_header(&self.headers, name)
     }
 }
 

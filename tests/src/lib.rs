@@ -110,3 +110,12 @@ pub fn wait_for(timeout: std::time::Duration, mut condition: impl FnMut() -> boo
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The first header of that name (case-insensitive) in a list of `(name, value)` pairs.
+#[must_use]
+pub fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
