@@ -3,6 +3,7 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    git_commit();
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -15,6 +16,12 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", package.manifest_path))?;
+    // aya-build relays every line the nested eBPF `cargo build` prints as a `cargo:warning`: a
+    // newcomer's first build would show hundreds of "warning: … Compiling …" lines. Quiet makes
+    // that cargo print only what matters (compiler errors and warnings still come through).
+    // SAFETY: the build script is single-threaded here; nothing else reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: package.name.as_str(),
@@ -23,4 +30,34 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// `EKS_POD_IDENTITY_AGENT_COMMIT` for `version` and the build-info metric: taken from the
+/// environment when set (builds from a source tarball or a container context without `.git`),
+/// else from git, else `unknown`.
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=EKS_POD_IDENTITY_AGENT_COMMIT");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = std::env::var("EKS_POD_IDENTITY_AGENT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&["rev-parse", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    // Rebuild when HEAD moves: HEAD itself, the branch it points at, and packed refs.
+    if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let git_dir = std::path::Path::new(&git_dir);
+        println!("cargo:rerun-if-changed={}", git_dir.join("HEAD").display());
+        println!("cargo:rerun-if-changed={}", git_dir.join("packed-refs").display());
+        if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", git_dir.join(reference).display());
+        }
+    }
+    println!("cargo:rustc-env=EKS_POD_IDENTITY_AGENT_COMMIT={commit}");
 }

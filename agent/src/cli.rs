@@ -5,10 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    AttributionConfig, AuditSink, CacheConfig, InitializeConfig, RateLimit, ServerConfig,
+    AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig, RateLimit, ServerConfig,
     TokenBinding, UpstreamConfig,
 };
 
@@ -24,6 +24,10 @@ pub const AGENT_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x2
     about = "Hands AWS credentials to Kubernetes pods, and knows which pod and process asked."
 )]
 pub struct Cli {
+    /// Log level, before or after the subcommand: error, warn, info, debug, trace (also the
+    /// original's panic, fatal and warning), or 0 error … 4 trace.
+    #[arg(short = 'v', long, global = true, default_value = "info", value_parser = parse_verbosity)]
+    pub verbosity: tracing::Level,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,16 +38,12 @@ pub enum Command {
     Initialize(InitializeArgs),
     /// Serve credentials to pods.
     Server(Box<ServerArgs>),
-    /// Print the version.
+    /// Print the version and the git commit it was built from.
     Version,
 }
 
 #[derive(Debug, Args)]
-pub struct InitializeArgs {
-    /// Log level: 0 error … 4 trace, or a name (error, warn, info, debug, trace).
-    #[arg(short = 'v', long, default_value = "info", value_parser = parse_verbosity)]
-    pub verbosity: tracing::Level,
-}
+pub struct InitializeArgs {}
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -74,15 +74,20 @@ pub struct ServerArgs {
     /// Background renewals per second towards EKS Auth.
     #[arg(long, default_value_t = 3)]
     pub max_service_qps: u32,
-    /// Re-read the agent's own shared credentials file so rotated keys are used without restart.
-    #[arg(long)]
+    /// Re-read the agent's own shared credentials file so rotated keys are used without restart
+    /// (`--rotate-credentials`, `--rotate-credentials true|false` or `--rotate-credentials=true`).
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_bool,
+        action = ArgAction::Set
+    )]
     pub rotate_credentials: bool,
     /// EKS Auth endpoint URL instead of eks-auth.<region>.api.aws.
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// Log level: 0 error … 4 trace, or a name (error, warn, info, debug, trace).
-    #[arg(short = 'v', long, default_value = "info", value_parser = parse_verbosity)]
-    pub verbosity: tracing::Level,
 
     /// cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 mount root].
     #[arg(long)]
@@ -108,6 +113,13 @@ pub struct ServerArgs {
     /// Audit log file, one JSON line per credential request ("-" for stdout).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log file once it reaches this size (bytes, or with a unit: 100Mi, 50MB,
+    /// 10M); 0 never rotates.
+    #[arg(long, default_value = "100Mi", value_parser = parse_size)]
+    pub audit_log_max_size: u64,
+    /// Rotated audit log files kept (audit.log.1 is the newest); older ones are removed.
+    #[arg(long, default_value_t = 5)]
+    pub audit_log_max_backups: u32,
     /// Credential requests per second for the whole node, as the original agent (0 = off).
     #[arg(long, default_value_t = 1000)]
     pub global_request_rate: u32,
@@ -174,6 +186,10 @@ impl ServerArgs {
                         AuditSink::File(p)
                     }
                 }),
+                audit_rotation: AuditRotation {
+                    max_size: self.audit_log_max_size,
+                    max_backups: self.audit_log_max_backups,
+                },
                 audit_queue: 4096,
                 namespace_label_limit: 100,
             },
@@ -215,18 +231,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3h or 90m: {e}"))
 }
 
-/// A level name, or the original's numbers (0 error, 1 warn, 2 info, 3 debug, 4 and up trace).
+/// A size in bytes, bare or with a unit: `K`/`M`/`G` (powers of 1000, also `KB`, `MB`, `GB`)
+/// or `Ki`/`Mi`/`Gi` (powers of 1024, also `KiB`, `MiB`, `GiB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len());
+    let (number, unit) = s.trim().split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 100Mi, 50MB or 1048576"))?;
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit {unit:?} (use K, M, G, Ki, Mi or Gi)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A boolean as the original's flag library (Go's `strconv.ParseBool`) takes it.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
+/// A level name (ours, and the original's logrus names: panic and fatal log errors), or the
+/// numbers 0 error, 1 warn, 2 info, 3 debug, 4 and up trace.
 pub fn parse_verbosity(s: &str) -> Result<tracing::Level, String> {
     use tracing::Level;
     match s.to_ascii_lowercase().as_str() {
-        "0" | "error" => Ok(Level::ERROR),
+        "0" | "error" | "fatal" | "panic" => Ok(Level::ERROR),
         "1" | "warn" | "warning" => Ok(Level::WARN),
         "2" | "info" => Ok(Level::INFO),
         "3" | "debug" => Ok(Level::DEBUG),
         "trace" => Ok(Level::TRACE),
         n if n.parse::<u8>().is_ok_and(|n| n >= 4) => Ok(Level::TRACE),
         _ => Err(format!(
-            "{s:?} is not a level (0-4, error, warn, info, debug, trace)"
+            "{s:?} is not a level (panic, fatal, error, warn, warning, info, debug, trace, or 0-4)"
         )),
     }
 }
@@ -342,5 +395,87 @@ mod tests {
         let c = server(&["-c", "x", "--audit-log", "-", "--token-binding", "enforce"]).unwrap();
         assert_eq!(c.attribution.audit, Some(AuditSink::Stdout));
         assert_eq!(c.attribution.token_binding, TokenBinding::Enforce);
+    }
+
+    fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("eks-pod-identity-agent").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn boolean_flags_take_the_original_spellings() {
+        for (args, expected) in [
+            (&["--rotate-credentials"][..], true),
+            (&["--rotate-credentials", "true"], true),
+            (&["--rotate-credentials", "false"], false),
+            (&["--rotate-credentials=true"], true),
+            (&["--rotate-credentials=false"], false),
+            (&["--rotate-credentials=1"], true),
+            (&["--rotate-credentials", "-v", "trace"], true),
+            (&[], false),
+        ] {
+            let mut argv = vec!["-c", "x"];
+            argv.extend_from_slice(args);
+            let c = server(&argv).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(c.upstream.rotate_credentials, expected, "{args:?}");
+        }
+        let err = server(&["-c", "x", "--rotate-credentials", "yes"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a boolean"), "{err}");
+    }
+
+    #[test]
+    fn verbosity_goes_before_or_after_the_subcommand() {
+        use tracing::Level;
+        for (argv, level) in [
+            (&["-v", "trace", "initialize"][..], Level::TRACE),
+            (&["initialize", "-v", "trace"], Level::TRACE),
+            (&["--verbosity", "debug", "server", "-c", "x"], Level::DEBUG),
+            (&["server", "-c", "x", "--verbosity=warning"], Level::WARN),
+            (&["server", "-c", "x"], Level::INFO),
+            (&["version"], Level::INFO),
+        ] {
+            let cli = parse(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.verbosity, level, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn verbosity_takes_the_original_level_names_and_ours() {
+        use tracing::Level;
+        for (name, level) in [
+            ("panic", Level::ERROR),
+            ("fatal", Level::ERROR),
+            ("error", Level::ERROR),
+            ("warn", Level::WARN),
+            ("warning", Level::WARN),
+            ("info", Level::INFO),
+            ("debug", Level::DEBUG),
+            ("trace", Level::TRACE),
+            ("TRACE", Level::TRACE),
+            ("0", Level::ERROR),
+            ("4", Level::TRACE),
+        ] {
+            assert_eq!(parse_verbosity(name), Ok(level), "{name}");
+        }
+        let err = parse(&["-v", "loud", "initialize"]).unwrap_err().to_string();
+        assert!(err.contains("not a level"), "{err}");
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("100Mi"), Ok(100 << 20));
+        assert_eq!(parse_size("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_size("50MB"), Ok(50_000_000));
+        assert_eq!(parse_size("10M"), Ok(10_000_000));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert!(parse_size("ten").unwrap_err().contains("not a size"));
+        assert!(parse_size("10Q").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("99999999999Gi").unwrap_err().contains("too large"));
+        let c = server(&["-c", "x"]).unwrap();
+        assert_eq!(c.attribution.audit_rotation.max_size, 100 << 20);
+        assert_eq!(c.attribution.audit_rotation.max_backups, 5);
     }
 }

@@ -103,6 +103,15 @@ pub enum AuditSink {
     File(PathBuf),
 }
 
+/// Size-based rotation of the audit log file, so that it can never fill the node's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRotation {
+    /// Rotate once the file would grow past this many bytes; 0 turns rotation off.
+    pub max_size: u64,
+    /// Rotated files kept (`audit.log.1` … `audit.log.N`, newest first); older ones are removed.
+    pub max_backups: u32,
+}
+
 /// Kernel attribution settings.
 #[derive(Debug, Clone)]
 pub struct AttributionConfig {
@@ -116,6 +125,8 @@ pub struct AttributionConfig {
     /// This node's name, compared with the token's node claim.
     pub node_name: Option<String>,
     pub audit: Option<AuditSink>,
+    /// When the audit log file is rotated, and how many rotated files are kept.
+    pub audit_rotation: AuditRotation,
     /// Room in the audit queue; records beyond it are dropped and counted.
     pub audit_queue: usize,
     /// Most distinct namespaces labelled in per-namespace metrics; the rest count as `other`.

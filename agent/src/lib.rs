@@ -13,7 +13,7 @@
 //! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus.
 //!
 //! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness),
-//! [`shutdown`], and [`config`] (plain data, built by the command line in `main.rs`).
+//! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
 pub mod audit;
@@ -23,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod ebpf;
+pub mod go_runner;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -31,6 +32,17 @@ pub mod probes;
 pub mod server;
 pub mod shutdown;
 pub mod token;
+
+/// The agent's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (`EKS_POD_IDENTITY_AGENT_COMMIT` at build time, else
+/// `git rev-parse HEAD`, else `unknown`).
+pub const COMMIT: &str = env!("EKS_POD_IDENTITY_AGENT_COMMIT");
+
+/// What `version` prints.
+pub fn version_line() -> String {
+    format!("eks-pod-identity-agent version {VERSION} (commit {COMMIT})")
+}
 
 /// An error and its causes on one line, for logs and exit messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -4,7 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use pod_identity_agent::cli::{Cli, Command};
-use pod_identity_agent::{netlink, server};
+use pod_identity_agent::{go_runner, netlink, server};
+
+/// musl's malloc serialises every allocation on one lock and is slow on the request path; the
+/// static (musl) build of the image uses mimalloc. glibc builds keep glibc's allocator.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The agent's own logs at `level`; the SDK's and HTTP stack's at most at `info`, whatever the
 /// verbosity: at `debug` and `trace` they log signing material and raw bodies, which carry tokens
@@ -38,18 +44,28 @@ fn log_filter(level: tracing::Level) -> tracing_subscriber::EnvFilter {
 }
 
 fn main() -> ExitCode {
+    // The image has this binary as `/go-runner` too: the entrypoint the original's chart and the
+    // add-on put in front of every command.
+    let mut args = std::env::args_os();
+    if let Some(argv0) = args.next()
+        && go_runner::invoked_as_go_runner(&argv0)
+    {
+        let error = match go_runner::parse(args) {
+            Ok(options) => go_runner::exec(options),
+            Err(e) => e,
+        };
+        eprintln!("go-runner: {}", pod_identity_agent::error_chain(&error));
+        return ExitCode::from(2);
+    }
+
     let cli = Cli::parse();
-    let level = match &cli.command {
-        Command::Initialize(args) => args.verbosity,
-        Command::Server(args) => args.verbosity,
-        Command::Version => {
-            println!("eks-pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-    };
+    if let Command::Version = cli.command {
+        println!("{}", pod_identity_agent::version_line());
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(log_filter(level))
+        .with_env_filter(log_filter(cli.verbosity))
         .with_current_span(false)
         .with_writer(std::io::stderr)
         .init();

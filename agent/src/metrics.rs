@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label value for namespaces beyond the cardinality bound.
@@ -69,6 +69,8 @@ pub struct Metrics {
     pub requests_by_namespace: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub pod_requests_limited: IntCounter,
+    /// Always 1, labelled with the version and git commit of the binary.
+    pub build_info: IntGaugeVec,
 }
 
 /// Why the registry could not be built (a programming error: names and labels are constants).
@@ -120,6 +122,17 @@ impl Metrics {
             "Credential requests refused with 429 by the per-pod request limit.",
         )?;
         registry.register(Box::new(pod_requests_limited.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "pod_identity_build_info",
+                "Always 1: the agent's version and the git commit it was built from.",
+            ),
+            &["version", "commit"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[crate::VERSION, crate::COMMIT])
+            .set(1);
         Ok(Metrics {
             http_response: counter_vec(
                 "pod_identity_http_response",
@@ -167,6 +180,7 @@ impl Metrics {
             )?,
             audit_dropped,
             pod_requests_limited,
+            build_info,
             registry,
         })
     }

@@ -49,6 +49,12 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
 
 /// Runs the server until `shutdown` is cancelled, then drains and returns.
 pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    tracing::info!(
+        version = crate::VERSION,
+        commit = crate::COMMIT,
+        cluster = %config.cluster_name,
+        "starting the EKS Pod Identity Agent"
+    );
     let metrics = Metrics::new()?;
 
     let mut credential_listeners = Vec::new();
@@ -86,6 +92,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Some(sink) => {
             let (log, writer) = AuditLog::start(
                 sink.clone(),
+                config.attribution.audit_rotation,
                 config.attribution.audit_queue,
                 metrics.audit_dropped.clone(),
             )?;
@@ -114,7 +121,9 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         accepting.push(ready.clone());
         let endpoint = endpoint.clone();
         let attribution = attribution.clone();
-        tracing::info!(addr = ?l.local_addr().ok(), "serving credentials");
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "serving credentials");
+        }
         tasks.spawn(listener::serve(
             l,
             move |peer, local| {

@@ -4,6 +4,7 @@
 //! and then `<bin> server …` with `ip netns exec <node>`, the EKS Auth endpoint pointing at a
 //! [`FakeEksAuth`] listening on the node's loopback, logs captured to a file, and waits for `/readyz`.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -86,6 +87,19 @@ pub struct AgentArgs {
     pub env_remove: Vec<String>,
     /// How long to wait for `/readyz`.
     pub ready_timeout: Duration,
+    /// A command prefix run (inside the node's network namespace) in front of the agent, e.g.
+    /// `["setpriv", "--bounding-set=-all,+bpf", "--"]` or `["chroot", "<rootfs>"]`.
+    pub wrapper: Vec<OsString>,
+    /// Run exactly these argvs (after `wrapper`) instead of `<bin> initialize` and
+    /// `<bin> server <the flags above>`: a container's `command` + `args` as Kubernetes runs them.
+    pub verbatim: Option<Verbatim>,
+}
+
+/// The agent's two commands, verbatim (see [`AgentArgs::verbatim`]).
+#[derive(Debug, Clone)]
+pub struct Verbatim {
+    pub initialize: Vec<OsString>,
+    pub server: Vec<OsString>,
 }
 
 impl Default for AgentArgs {
@@ -100,6 +114,8 @@ impl Default for AgentArgs {
             env: Vec::new(),
             env_remove: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            wrapper: Vec::new(),
+            verbatim: None,
         }
     }
 }
@@ -139,13 +155,22 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Runs `initialize` then `server` inside the node, pointed at `fake`, and waits until `/readyz` is 200.
     pub fn start(node: &SimNode, fake: &FakeEksAuth, args: AgentArgs) -> Result<Self> {
-        let bin = agent_bin()?;
         let ns = node.netns().name();
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log_path = node.dir().join(format!("agent-{n}.log"));
 
-        let init = base_command(ns, &bin, &args)
-            .arg("initialize")
+        let (init_argv, server_argv) = match &args.verbatim {
+            Some(v) => (v.initialize.clone(), v.server.clone()),
+            // The binary is only needed (and looked for) when the argvs are not given.
+            None => {
+                let bin = agent_bin()?.into_os_string();
+                (
+                    vec![bin.clone(), "initialize".into()],
+                    vec![bin, "server".into()],
+                )
+            }
+        };
+        let init = base_command(ns, &args.wrapper, &init_argv, &args)
             .output()
             .context("running `eks-pod-identity-agent initialize`")?;
         if !init.status.success() {
@@ -162,23 +187,24 @@ impl AgentProcess {
             .append(true)
             .open(&log_path)
             .context("creating the agent log")?;
-        let mut cmd = base_command(ns, &bin, &args);
-        cmd.arg("server")
-            .args(["--cluster-name", fake.cluster()])
-            .args(["--endpoint", &fake.endpoint()])
-            .args(["--probe-port", &args.probe_port.to_string()])
-            .args(["--metrics-port", &args.metrics_port.to_string()]);
-        if args.cgroup_root {
-            cmd.arg("--cgroup-root").arg(node.cgroup_root());
+        let mut cmd = base_command(ns, &args.wrapper, &server_argv, &args);
+        if args.verbatim.is_none() {
+            cmd.args(["--cluster-name", fake.cluster()])
+                .args(["--endpoint", &fake.endpoint()])
+                .args(["--probe-port", &args.probe_port.to_string()])
+                .args(["--metrics-port", &args.metrics_port.to_string()]);
+            if args.cgroup_root {
+                cmd.arg("--cgroup-root").arg(node.cgroup_root());
+            }
+            if args.node_name {
+                cmd.args(["--node-name", node.name()]);
+            }
+            if let Some(audit) = &args.audit_log {
+                cmd.arg("--audit-log").arg(audit);
+            }
+            cmd.args(&args.extra);
         }
-        if args.node_name {
-            cmd.args(["--node-name", node.name()]);
-        }
-        if let Some(audit) = &args.audit_log {
-            cmd.arg("--audit-log").arg(audit);
-        }
-        cmd.args(&args.extra)
-            .stdout(log.try_clone().context("cloning the log handle")?)
+        cmd.stdout(log.try_clone().context("cloning the log handle")?)
             .stderr(log);
         let child = cmd
             .spawn()
@@ -326,17 +352,18 @@ impl Drop for AgentProcess {
     }
 }
 
-/// `nsenter --net=/run/netns/<ns> <bin>` with the agent's environment: test AWS credentials and
+/// `nsenter --net=/run/netns/<ns> <wrapper…> <argv…>` with the agent's environment: test AWS credentials and
 /// region, IMDS off, and nothing else `AWS_*` from the test process.
 ///
 /// Not `ip netns exec`: that remounts /sys in a private mount namespace, which hides the cgroup2
 /// mount the agent finds its cgroups (and attaches its programs) through. A host-network
 /// DaemonSet pod sees the node's cgroup mount, and so does the agent here.
-fn base_command(ns: &str, bin: &std::path::Path, args: &AgentArgs) -> Command {
+fn base_command(ns: &str, wrapper: &[OsString], argv: &[OsString], args: &AgentArgs) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{ns}"))
         .arg("--")
-        .arg(bin)
+        .args(wrapper)
+        .args(argv)
         .stdin(Stdio::null());
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("AWS_") {
@@ -357,9 +384,8 @@ fn base_command(ns: &str, bin: &std::path::Path, args: &AgentArgs) -> Command {
 /// Runs `<agent> initialize [args]` alone inside `netns` (with the agent's usual environment) and
 /// returns its output, whatever its exit status.
 pub fn run_initialize(netns: &NetNs, args: &[&str]) -> Result<std::process::Output> {
-    let bin = agent_bin()?;
-    base_command(netns.name(), &bin, &AgentArgs::default())
-        .arg("initialize")
+    let argv = [agent_bin()?.into_os_string(), "initialize".into()];
+    base_command(netns.name(), &[], &argv, &AgentArgs::default())
         .args(args)
         .output()
         .context("running `eks-pod-identity-agent initialize`")

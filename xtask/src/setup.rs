@@ -7,7 +7,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "wrk"];
+/// Debian packages: `ip` for the simulated node, `promtool` for metrics and alert rules, wrk for
+/// the bench, buildah and musl's C toolchain for the image, `setpriv` (util-linux) for the
+/// capability-limited runs.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "prometheus",
+    "wrk",
+    "buildah",
+    "musl-tools",
+    "util-linux",
+];
+/// Python packages: botocore is a pod's SDK in the tests; Helm's engine and the Kubernetes schema
+/// validator check the chart offline.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("botocore", "botocore"),
+    ("helm-python-sdk", "helm_python"),
+    ("kubernetes-validate", "kubernetes_validate"),
+];
+/// The image's binary is static (musl).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 fn run_step(name: &str, manual: &str, step: impl FnOnce() -> Result<&'static str>) -> Result<()> {
     match step() {
@@ -22,6 +41,11 @@ fn run_step(name: &str, manual: &str, step: impl FnOnce() -> Result<&'static str
 }
 
 pub fn run() -> Result<()> {
+    run_step(
+        "nightly toolchain",
+        "rustup toolchain install nightly --profile minimal",
+        nightly,
+    )?;
     run_step(
         "nightly rust-src",
         "rustup component add rust-src --toolchain nightly",
@@ -48,11 +72,46 @@ pub fn run() -> Result<()> {
         apt_packages,
     )?;
     run_step(
-        "python botocore",
-        "python3 -m pip install --break-system-packages botocore",
-        botocore,
+        &format!("rust target {MUSL_TARGET}"),
+        &format!("rustup target add {MUSL_TARGET}"),
+        musl_target,
+    )?;
+    let pip_names: Vec<&str> = PIP_PACKAGES.iter().map(|(name, _)| *name).collect();
+    run_step(
+        &format!("Python packages ({})", pip_names.join(" ")),
+        &format!(
+            "python3 -m pip install --break-system-packages {}",
+            pip_names.join(" ")
+        ),
+        python_packages,
     )?;
     Ok(())
+}
+
+/// The eBPF programs build on nightly (`-Z build-std`); rustup installs one when it has none.
+fn nightly() -> Result<&'static str> {
+    if output("rustc", &["+nightly", "--version"]).is_some() {
+        return Ok("already present");
+    }
+    util::run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))?;
+    Ok("installed")
+}
+
+fn musl_target() -> Result<&'static str> {
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        return Ok("already present");
+    }
+    util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    Ok("installed")
 }
 
 fn rust_src() -> Result<&'static str> {
@@ -187,20 +246,26 @@ fn apt_packages() -> Result<&'static str> {
     Ok("installed")
 }
 
-fn botocore() -> Result<&'static str> {
-    let importable = || output("python3", &["-c", "import botocore"]).is_some();
-    if importable() {
+fn python_packages() -> Result<&'static str> {
+    let importable = |module: &str| output("python3", &["-c", &format!("import {module}")]).is_some();
+    let missing: Vec<&str> = PIP_PACKAGES
+        .iter()
+        .filter(|(_, module)| !importable(module))
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
         return Ok("already present");
     }
     util::run(
         Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "botocore"])
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing)
             // Debian's system python refuses pip installs (PEP 668) without this; older pips ignore it.
             .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .env("PIP_ROOT_USER_ACTION", "ignore"),
     )?;
-    if !importable() {
-        bail!("pip installed botocore but `python3 -c 'import botocore'` still fails");
+    if let Some((name, module)) = PIP_PACKAGES.iter().find(|(_, module)| !importable(module)) {
+        bail!("pip installed {name} but `python3 -c 'import {module}'` still fails");
     }
     Ok("installed")
 }
