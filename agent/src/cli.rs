@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig, RateLimit, ServerConfig,
-    TokenBinding, UpstreamConfig,
+    AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig, RateLimit,
+    ServerConfig, TokenBinding, UpstreamConfig,
 };
 
 /// The agent's address on IPv4, as in every pod's `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
@@ -234,7 +234,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// A size in bytes, bare or with a unit: `K`/`M`/`G` (powers of 1000, also `KB`, `MB`, `GB`)
 /// or `Ki`/`Mi`/`Gi` (powers of 1024, also `KiB`, `MiB`, `GiB`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let digits = s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len());
+    let digits = s
+        .trim()
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(s.trim().len());
     let (number, unit) = s.trim().split_at(digits);
     let number: u64 = number
         .parse()
@@ -458,7 +461,9 @@ mod tests {
         ] {
             assert_eq!(parse_verbosity(name), Ok(level), "{name}");
         }
-        let err = parse(&["-v", "loud", "initialize"]).unwrap_err().to_string();
+        let err = parse(&["-v", "loud", "initialize"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a level"), "{err}");
     }
 
@@ -473,7 +478,11 @@ mod tests {
         assert_eq!(parse_size("1Gi"), Ok(1 << 30));
         assert!(parse_size("ten").unwrap_err().contains("not a size"));
         assert!(parse_size("10Q").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("99999999999Gi").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999Gi")
+                .unwrap_err()
+                .contains("too large")
+        );
         let c = server(&["-c", "x"]).unwrap();
         assert_eq!(c.attribution.audit_rotation.max_size, 100 << 20);
         assert_eq!(c.attribution.audit_rotation.max_backups, 5);

@@ -39,7 +39,9 @@ pub enum GoRunnerError {
     NotABool { flag: String, value: String },
     #[error("go-runner flag -log-file needs a file name")]
     NoLogFile,
-    #[error("-also-stdout is not supported: the command replaces go-runner (exec), nothing is left to copy its output")]
+    #[error(
+        "-also-stdout is not supported: the command replaces go-runner (exec), nothing is left to copy its output"
+    )]
     AlsoStdout,
     #[error("opening the log file {path:?}")]
     LogFile {
@@ -156,14 +158,23 @@ mod tests {
     #[test]
     fn the_charts_form_is_the_command_unchanged() {
         let o = parse(args(&["/eks-pod-identity-agent", "server", "-v", "trace"])).unwrap();
-        assert_eq!(o.command, args(&["/eks-pod-identity-agent", "server", "-v", "trace"]));
+        assert_eq!(
+            o.command,
+            args(&["/eks-pod-identity-agent", "server", "-v", "trace"])
+        );
         assert_eq!(o.log_file, None);
         assert!(o.redirect_stderr);
     }
 
     #[test]
     fn go_runner_flags_in_every_spelling() {
-        let o = parse(args(&["-log-file=/tmp/x", "--redirect-stderr=false", "cmd", "-v"])).unwrap();
+        let o = parse(args(&[
+            "-log-file=/tmp/x",
+            "--redirect-stderr=false",
+            "cmd",
+            "-v",
+        ]))
+        .unwrap();
         assert_eq!(o.log_file, Some(OsString::from("/tmp/x")));
         assert!(!o.redirect_stderr);
         assert_eq!(o.command, args(&["cmd", "-v"]));
@@ -175,8 +186,14 @@ mod tests {
     #[test]
     fn bad_invocations_say_why() {
         assert!(matches!(parse(args(&[])), Err(GoRunnerError::NoCommand)));
-        assert!(matches!(parse(args(&["-log-file=/x"])), Err(GoRunnerError::NoCommand)));
-        assert!(matches!(parse(args(&["-frobnicate", "cmd"])), Err(GoRunnerError::UnknownFlag(_))));
+        assert!(matches!(
+            parse(args(&["-log-file=/x"])),
+            Err(GoRunnerError::NoCommand)
+        ));
+        assert!(matches!(
+            parse(args(&["-frobnicate", "cmd"])),
+            Err(GoRunnerError::UnknownFlag(_))
+        ));
         assert!(matches!(
             parse(args(&["-redirect-stderr=maybe", "cmd"])),
             Err(GoRunnerError::NotABool { .. })

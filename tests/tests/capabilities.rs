@@ -112,7 +112,11 @@ fn every_capability_the_chart_grants_the_server_is_needed() {
     let (server_caps, _) = chart_capabilities();
     for dropped in &server_caps {
         let (node, fake, _) = node_with_web_pods("e2e-caps-minus", []).unwrap();
-        let fewer: Vec<String> = server_caps.iter().filter(|c| *c != dropped).cloned().collect();
+        let fewer: Vec<String> = server_caps
+            .iter()
+            .filter(|c| *c != dropped)
+            .cloned()
+            .collect();
         let args = AgentArgs {
             wrapper: limited_to(&fewer),
             ready_timeout: Duration::from_secs(10),
@@ -161,5 +165,8 @@ fn initialize_needs_only_the_init_containers_capabilities() {
     let (status, has_addr) = initialize_with(&init_caps);
     assert!(status.success() && has_addr, "{status} {has_addr}");
     let (status, has_addr) = initialize_with(&[]);
-    assert!(!status.success() && !has_addr, "without NET_ADMIN: {status}");
+    assert!(
+        !status.success() && !has_addr,
+        "without NET_ADMIN: {status}"
+    );
 }

@@ -43,7 +43,10 @@ fn containers(variant: &str) -> Vec<Container> {
             .unwrap_or_default()
     };
     let mut out = Vec::new();
-    for doc in docs.iter().filter(|d| d["kind"].as_str() == Some("DaemonSet")) {
+    for doc in docs
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some("DaemonSet"))
+    {
         let daemonset = doc["metadata"]["name"].as_str().unwrap().to_owned();
         let spec = &doc["spec"]["template"]["spec"];
         for (key, init) in [("initContainers", true), ("containers", false)] {
@@ -74,7 +77,11 @@ fn agent_argv(c: &Container) -> Vec<OsString> {
 fn every_container_argv_of_the_original_chart_parses() {
     for variant in VARIANTS {
         let containers = containers(variant);
-        assert_eq!(containers.len(), 2, "{variant}: an init container and a server");
+        assert_eq!(
+            containers.len(),
+            2,
+            "{variant}: an init container and a server"
+        );
         for c in &containers {
             let argv = agent_argv(c);
             assert_eq!(argv[0], "/eks-pod-identity-agent", "{c:?}");
