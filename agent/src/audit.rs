@@ -1,8 +1,10 @@
 //! The per-request audit log: one JSON line per credential request, for security teams.
 //!
 //! Records are queued on the request path (never blocking it; a full queue drops the record and
-//! counts it) and written by a thread of their own. Records carry claims and kernel facts, never a
-//! token or a credential.
+//! counts it) and written by a thread of their own. Records carry claims, kernel facts and the
+//! identifiers of the credentials served (access key id, assumed-role ARN: what CloudTrail logs),
+//! never a token, a secret key or a session token. Every record starts with `v`, the schema
+//! version ([`SCHEMA_VERSION`]); `docs/audit-log.md` documents the schema field by field.
 //!
 //! **Rotation.** So that the log can never fill the node's disk, the writer rotates the file by
 //! size ([`AuditRotation`]): before a record that would take the file past `max_size` (and the file
@@ -55,6 +57,38 @@ pub struct AuditRecord {
     pub role_arn: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub association_id: Option<String>,
+    /// The credentials handed out (allowed requests only): the keys to join the record with
+    /// CloudTrail. Never the secret key or the session token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<ServedCredentials>,
+}
+
+/// The version of the record's schema, written as `v` in every record. It changes only when a
+/// field changes meaning or goes away; new fields may appear in any version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What identifies the credentials a request was given, as CloudTrail records their use.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServedCredentials {
+    /// The access key id (`ASIA…`): CloudTrail's `userIdentity.accessKeyId`. An identifier, not a
+    /// secret.
+    pub access_key_id: String,
+    /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`: CloudTrail's `userIdentity.arn`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assumed_role_arn: Option<String>,
+    /// When the credentials expire, RFC 3339 UTC.
+    pub expiration: String,
+    /// `cache` (served from the cache), `coalesced` (another request's EKS Auth call, shared) or
+    /// `eks_auth` (this request's own call).
+    pub source: &'static str,
+}
+
+/// A record as written: the schema version first, then the record.
+#[derive(Serialize)]
+struct Versioned<'a> {
+    v: u32,
+    #[serde(flatten)]
+    record: &'a AuditRecord,
 }
 
 /// The caller, from the kernel.
@@ -465,7 +499,11 @@ fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
         let mut next = Some(first);
         while let Some(record) = next {
             line.clear();
-            let written = match serde_json::to_writer(&mut line, &record) {
+            let versioned = Versioned {
+                v: SCHEMA_VERSION,
+                record: &record,
+            };
+            let written = match serde_json::to_writer(&mut line, &versioned) {
                 Ok(()) => {
                     line.push(b'\n');
                     out.write_line(&line)
@@ -504,6 +542,7 @@ mod tests {
             binding: "off",
             role_arn: None,
             association_id: None,
+            credentials: None,
         }
     }
 

@@ -10,13 +10,15 @@
 //!   ([`ebpf`]), the caller's cgroup and pod ([`cgroup`]), token binding and per-pod limits.
 //! - [`token`]: the projected service-account token's claims, read but not verified.
 //! - [`credentials`]: the retriever trait, the EKS Auth client, and the cache that wraps it.
-//! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus.
+//! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus;
+//!   [`audit_who`] answers from the audit log which pod and process got an access key.
 //!
 //! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness),
 //! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
 pub mod audit;
+pub mod audit_who;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;

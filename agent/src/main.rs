@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use pod_identity_agent::cli::{Cli, Command};
-use pod_identity_agent::{go_runner, netlink, server};
+use pod_identity_agent::cli::{AuditCommand, AuditWhoArgs, Cli, Command};
+use pod_identity_agent::{audit_who, go_runner, netlink, server};
 
 /// musl's malloc serialises every allocation on one lock and is slow on the request path; the
 /// static (musl) build of the image uses mimalloc. glibc builds keep glibc's allocator.
@@ -59,9 +59,13 @@ fn main() -> ExitCode {
     }
 
     let cli = Cli::parse();
-    if let Command::Version = cli.command {
-        println!("{}", pod_identity_agent::version_line());
-        return ExitCode::SUCCESS;
+    match &cli.command {
+        Command::Version => {
+            println!("{}", pod_identity_agent::version_line());
+            return ExitCode::SUCCESS;
+        }
+        Command::Audit(AuditCommand::Who(args)) => return audit_who(args),
+        Command::Initialize(_) | Command::Server(_) => {}
     }
     tracing_subscriber::fmt()
         .json()
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
             Command::Server(args) => server::run(args.into_config())
                 .await
                 .map_err(|e| pod_identity_agent::error_chain(&e)),
-            Command::Version => Ok(()),
+            Command::Version | Command::Audit(_) => Ok(()),
         }
     });
     match result {
@@ -93,6 +97,35 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "exiting");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `audit who`: prints the pods and processes that received the access key; exits 1 when none did.
+fn audit_who(args: &AuditWhoArgs) -> ExitCode {
+    match audit_who::who(&args.audit_log, &args.access_key_id) {
+        Ok(found) if found.receivers.is_empty() => {
+            eprintln!(
+                "no allowed request received {} in {} file(s) of {}",
+                args.access_key_id,
+                found.files.len(),
+                args.audit_log.display()
+            );
+            ExitCode::FAILURE
+        }
+        Ok(found) => {
+            if args.json {
+                for r in &found.receivers {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                }
+            } else {
+                print!("{}", audit_who::table(&found.receivers));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("audit who: {}", pod_identity_agent::error_chain(&e));
+            ExitCode::from(2)
         }
     }
 }

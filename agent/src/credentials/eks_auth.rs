@@ -158,6 +158,7 @@ fn issued_from(out: &AssumeRoleForPodIdentityOutput) -> Result<Issued, UpstreamE
                 .map(|s| s.service_account().to_owned())
                 .unwrap_or_default(),
             role_arn: role_arn(user.arn()),
+            assumed_role_arn: user.arn().to_owned(),
             association_id: association
                 .map(|a| a.association_id().to_owned())
                 .unwrap_or_default(),

@@ -44,6 +44,8 @@ pub struct Association {
     pub service_account: String,
     pub role_arn: String,
     pub association_id: String,
+    /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`, as CloudTrail names the caller.
+    pub assumed_role_arn: String,
 }
 
 /// One answer from EKS Auth, with the response body the agent serves already rendered: the
