@@ -95,7 +95,7 @@ pub fn audit_files(path: &Path) -> Result<Vec<PathBuf>, AuditWhoError> {
         return Err(AuditWhoError::Missing { path: path.into() });
     }
     // The highest number is the oldest; the live file (0) the newest.
-    numbered.sort_by(|a, b| b.0.cmp(&a.0));
+    numbered.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     Ok(numbered.into_iter().map(|(_, p)| p).collect())
 }
 
@@ -160,7 +160,7 @@ pub fn who(path: &Path, access_key_id: &str) -> Result<Found, AuditWhoError> {
         }
     }
     let mut receivers: Vec<Receiver> = by_receiver.into_values().collect();
-    receivers.sort_by(|a, b| a.first.cmp(&b.first));
+    receivers.sort_by(|a, b| a.first.cmp(&b.first).then_with(|| a.pid.cmp(&b.pid)));
     Ok(Found { files, receivers })
 }
 

@@ -1,5 +1,7 @@
-//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench`.
+//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check`.
 
+mod deploy;
+mod image;
 mod setup;
 mod util;
 
@@ -20,7 +22,8 @@ struct Cli {
 enum Command {
     /// Install the toolchain pieces and tools the build and tests need (idempotent).
     Setup,
-    /// Setup, build the agent, run every test, clippy and rustfmt (needs root).
+    /// Setup, check the chart and alert rules, build the image and the agent, run every test,
+    /// clippy and rustfmt (needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(last = true)]
@@ -39,6 +42,17 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Setup, build the agent as a static (musl) release binary and the container image FROM
+    /// scratch with buildah, offline: `localhost/eks-pod-identity-agent:latest` and `:<version>`
+    /// (needs root).
+    Image,
+    /// Lint, render and validate the Helm chart against its golden renders and the original
+    /// chart, and check the alert rules and the dashboard (offline; no root).
+    DeployCheck {
+        /// Rewrite the golden renders from the chart instead of comparing them.
+        #[arg(long)]
+        bless: bool,
+    },
 }
 
 fn main() {
@@ -47,6 +61,8 @@ fn main() {
         Command::Test { args } => test(&args),
         Command::Demo { args } => demo(&args),
         Command::Bench { seconds } => bench(seconds),
+        Command::Image => image::run(),
+        Command::DeployCheck { bless } => deploy::check(bless),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -57,6 +73,9 @@ fn main() {
 fn test(args: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces, links and cgroups")?;
     setup::run()?;
+    deploy::check(false)?;
+    // The image tests run the agent from the image's root filesystem: build it from this tree.
+    image::build()?;
     let agent = util::build_agent(&[])?;
     // This command runs everything for real: a privileged test that cannot run fails, as in CI.
     let env = [

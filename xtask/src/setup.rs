@@ -247,7 +247,8 @@ fn apt_packages() -> Result<&'static str> {
 }
 
 fn python_packages() -> Result<&'static str> {
-    let importable = |module: &str| output("python3", &["-c", &format!("import {module}")]).is_some();
+    let importable =
+        |module: &str| output("python3", &["-c", &format!("import {module}")]).is_some();
     let missing: Vec<&str> = PIP_PACKAGES
         .iter()
         .filter(|(_, module)| !importable(module))
