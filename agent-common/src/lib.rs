@@ -6,22 +6,80 @@
 //! Addresses are always 16-byte IPv6 in network byte order, IPv4 as v4-mapped (`::ffff:a.b.c.d`):
 //! a v4 client, a v6 client and a v4 client on an `AF_INET6` socket must all produce the key the
 //! server builds from what `accept()` returned.
+//!
+//! A connection's life, and where its record lives:
+//! 1. `connect()`: connect4/6 check the pod's open-connection cap and token bucket, then record the
+//!    caller under the socket cookie ([`CALLER_BY_COOKIE_MAP`]).
+//! 2. `BPF_SOCK_OPS_TCP_CONNECT_CB` (same syscall, source port bound): sock_ops moves the record
+//!    to the 4-tuple ([`CALLER_BY_CONN_MAP`]), counts the connection as open for its pod
+//!    ([`OPEN_BY_POD_MAP`]) and asks for the socket's state changes.
+//!    It also notes the 4-tuple under the cookie ([`CONN_BY_COOKIE_MAP`]).
+//! 3. The agent accepts and reads the record by 4-tuple (it does not delete it).
+//! 4. The client socket is released (`close()`; a `cgroup/sock_release` program, which finds the
+//!    4-tuple by cookie) or enters `TCP_CLOSE` (reset, timed out, refused, disconnected; sock_ops'
+//!    state callback), whichever comes first: the record is deleted and uncounted. No record
+//!    outlives its connection, and whoever deletes the record uncounts it, so each count is undone
+//!    exactly once.
 #![no_std]
 
-/// `Array` of one [`WatchConfig`]: which destinations the connect programs watch, and the limit.
-pub const WATCH_CONFIG_MAP: &str = "WATCH_CONFIG";
-/// LRU hash socket cookie (`u64`) → [`CallerRecord`], written by connect4/6, consumed by sock_ops.
+/// `.rodata` global ([`WatchConfig`]), set once at load: what the programs watch and how hard they
+/// limit it. A global, not a map, so that an unrelated connect costs a few loads and compares and
+/// no map lookup.
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// `Array` of one [`PodParents`]: the cgroups whose children are pods. A map, not a global, so
+/// that userspace can add a parent that appears after the agent started.
+pub const POD_PARENTS_MAP: &str = "POD_PARENTS";
+/// LRU hash socket cookie (`u64`) → [`CallerRecord`], written by connect4/6, consumed by sock_ops
+/// within the same `connect()` call.
 pub const CALLER_BY_COOKIE_MAP: &str = "CALLER_BY_COOKIE";
-/// LRU hash [`ConnKey`] → [`CallerRecord`], written by sock_ops, consumed by the agent on accept.
+/// Hash [`ConnKey`] → [`CallerRecord`], written by sock_ops at `TCP_CONNECT_CB`, read by the agent on
+/// accept, deleted by sock_ops when the client socket closes.
 pub const CALLER_BY_CONN_MAP: &str = "CALLER_BY_CONN";
-/// LRU hash cgroup id (`u64`) → [`CgroupConnectState`]: token bucket and counters per cgroup.
+/// Hash socket cookie (`u64`) → [`ConnKey`], written by sock_ops at `TCP_CONNECT_CB`, so that the
+/// sock_release program (which cannot read a socket's source port) finds the record to delete.
+pub const CONN_BY_COOKIE_MAP: &str = "CONN_BY_COOKIE";
+/// LRU hash pod key (`u64`, see [`CallerRecord::pod_key`]) → [`CgroupConnectState`]: the token
+/// bucket. Untouched while the connect rate is 0.
 pub const CONNECT_STATE_MAP: &str = "CONNECT_STATE";
+/// Hash pod key (`u64`) → [`OpenState`]: connections to the agent a pod holds open.
+pub const OPEN_BY_POD_MAP: &str = "OPEN_BY_POD";
+/// Per-CPU array of [`EVENT_COUNT`] `u64` counters, indexed by the `EVENT_*` constants.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Array of one `u64`, touched only by the compare-and-swap probe program.
+pub const PROBE_MAP: &str = "PROBE";
 
-/// Entries in each of the two caller maps. A record lives from `connect()` until the agent accepts
-/// the connection, so this bounds connects in flight to the agent, not connections on the node.
-pub const CALLER_MAP_ENTRIES: u32 = 16384;
-/// Entries in [`CONNECT_STATE_MAP`]: one per cgroup (container) that connected to the agent.
-pub const CONNECT_STATE_ENTRIES: u32 = 16384;
+/// Entries compiled into the object; userspace scales them with the node's CPUs at load.
+pub const CALLER_BY_COOKIE_ENTRIES: u32 = 4096;
+/// See [`CALLER_BY_COOKIE_ENTRIES`].
+pub const CALLER_BY_CONN_ENTRIES: u32 = 16384;
+/// See [`CALLER_BY_COOKIE_ENTRIES`]; [`CONN_BY_COOKIE_MAP`] has as many entries.
+pub const CONNECT_STATE_ENTRIES: u32 = 8192;
+/// See [`CALLER_BY_COOKIE_ENTRIES`].
+pub const OPEN_BY_POD_ENTRIES: u32 = 8192;
+
+/// Most pod parents the programs check, most specific first.
+pub const MAX_POD_PARENTS: usize = 16;
+
+/// [`EVENTS_MAP`] index: the token bucket's compare-and-swap lost every retry to other CPUs; the
+/// connect was let through (contention is never a refusal).
+pub const EVENT_LIMITER_CONTENDED: u32 = 0;
+/// No token bucket could be created (map full): the connect was let through.
+pub const EVENT_LIMITER_STATE_FULL: u32 = 1;
+/// No open-connection counter could be created (map full): the connection is recorded uncounted.
+pub const EVENT_OPEN_STATE_FULL: u32 = 2;
+/// The record could not be written under the socket cookie.
+pub const EVENT_COOKIE_RECORD_FAILED: u32 = 3;
+/// The record could not be written under the 4-tuple (map full): the connection is unattributed.
+pub const EVENT_CONN_RECORD_FAILED: u32 = 4;
+/// A record left under a 4-tuple that a new connection now uses was removed (its socket's close
+/// was never seen, e.g. another program cleared our state callback).
+pub const EVENT_LEFTOVER_REMOVED: u32 = 5;
+/// A connect was refused: the pod holds its maximum of open connections to the agent.
+pub const EVENT_OPEN_CAP_REFUSED: u32 = 6;
+/// A connect was refused by the pod's token bucket.
+pub const EVENT_RATE_REFUSED: u32 = 7;
+/// Number of `EVENT_*` counters.
+pub const EVENT_COUNT: u32 = 8;
 
 /// The process that called `connect()` to the agent, as seen by the kernel at that moment.
 #[repr(C)]
@@ -31,6 +89,12 @@ pub struct CallerRecord {
     pub cgroup_id: u64,
     /// Cookie of the caller's network namespace (0 where the kernel cannot tell).
     pub netns_cookie: u64,
+    /// The pod cgroup the caller is in, found through the pod parents: the child of the first
+    /// parent that is an ancestor of the caller's cgroup. 0 when no parent matched.
+    pub pod_cgroup_id: u64,
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) when the record was made, refreshed when the
+    /// connection is established.
+    pub ktime_ns: u64,
     /// Thread group id: what userspace calls the pid.
     pub tgid: u32,
     /// Thread id: what the kernel calls the pid.
@@ -39,6 +103,20 @@ pub struct CallerRecord {
     pub gid: u32,
     /// `task->comm`, NUL-padded.
     pub comm: [u8; 16],
+    /// The [`OpenState::epoch`] of the pod counter this connection is counted in; 0 = not counted.
+    pub open_epoch: u64,
+}
+
+impl CallerRecord {
+    /// What the connect limits are keyed by: the pod, or the caller's own cgroup outside pods.
+    #[must_use]
+    pub const fn pod_key(&self) -> u64 {
+        if self.pod_cgroup_id != 0 {
+            self.pod_cgroup_id
+        } else {
+            self.cgroup_id
+        }
+    }
 }
 
 /// One TCP connection as both ends name it: client and server address and port.
@@ -57,9 +135,9 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
-/// What the connect programs watch and how hard they limit it. Index 0 of [`WATCH_CONFIG_MAP`].
+/// What the programs watch and how hard they limit it: the [`CONFIG_GLOBAL`] global.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WatchConfig {
     /// The agent's IPv4 address as the kernel stores it (network byte order).
     pub ip4: u32,
@@ -69,8 +147,30 @@ pub struct WatchConfig {
     pub port4: u16,
     /// The agent's IPv6 port, host order; 0 = no IPv6 listener is watched.
     pub port6: u16,
-    /// Token bucket applied to every cgroup's connects to the agent.
+    /// Token bucket applied to every pod's connects to the agent.
     pub limit: ConnectLimit,
+    /// Most connections to the agent one pod may hold open; 0 = no cap (and no counting).
+    pub max_open_per_pod: u32,
+    pub _pad: u32,
+}
+
+impl WatchConfig {
+    /// Watches nothing: what the object holds until userspace sets it at load.
+    pub const EMPTY: WatchConfig = WatchConfig {
+        ip4: 0,
+        ip6: [0; 4],
+        port4: 0,
+        port6: 0,
+        limit: ConnectLimit { rate: 0, burst: 0 },
+        max_open_per_pod: 0,
+        _pad: 0,
+    };
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self::EMPTY
+    }
 }
 
 /// A token bucket: `rate` connects per second refill it, up to `burst`. `rate == 0` turns it off.
@@ -81,17 +181,52 @@ pub struct ConnectLimit {
     pub burst: u32,
 }
 
-/// Per-cgroup state of the token bucket and counters, updated with atomics by the eBPF side.
+/// A cgroup whose children are pods, and its depth below the cgroup2 hierarchy root (root = 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodParent {
+    pub id: u64,
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Index 0 of [`POD_PARENTS_MAP`]: the first `count` entries are used, deepest first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodParents {
+    pub count: u32,
+    pub _pad: u32,
+    pub parents: [PodParent; MAX_POD_PARENTS],
+}
+
+/// Per-pod state of the token bucket and counters, updated with atomics by the eBPF side.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupConnectState {
     /// The bucket as GCRA keeps it: the "theoretical arrival time" (`bpf_ktime_get_ns`) of the next
     /// connect. A single word, so one compare-and-swap updates the bucket atomically.
     pub tat_ns: u64,
-    /// Connects to the agent let through.
+    /// Connects to the agent let through by the bucket.
     pub allowed: u64,
-    /// Connects to the agent refused (`EPERM`) by the token bucket.
+    /// Connects to the agent refused (`EPERM`) by the bucket.
     pub denied: u64,
+    /// Connects let through because the compare-and-swap kept losing to other CPUs.
+    pub contended: u64,
+}
+
+/// Per-pod count of open connections to the agent, updated with atomics by the eBPF side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenState {
+    /// When this counter was created (`bpf_ktime_get_ns`, never 0). A connection is uncounted
+    /// only from the counter it was counted in: if userspace removes a counter (its pod looked
+    /// gone) and a new one is made, the old connections' closes cannot drive the new one below
+    /// zero.
+    pub epoch: u64,
+    /// Connections counted at `TCP_CONNECT_CB` and not yet closed.
+    pub open: u64,
+    /// Connects refused (`EPERM`) because `open` was at the cap.
+    pub refused: u64,
 }
 
 /// The 12-byte prefix of a v4-mapped IPv6 address (`::ffff:0:0/96`).
@@ -103,11 +238,16 @@ mod user {
     unsafe impl aya::Pod for super::CallerRecord {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::WatchConfig {}
+    unsafe impl aya::Pod for super::PodParents {}
     unsafe impl aya::Pod for super::CgroupConnectState {}
+    unsafe impl aya::Pod for super::OpenState {}
 }
 
 // The layouts are part of the contract with the kernel maps: fail the build if padding sneaks in.
-const _: () = assert!(core::mem::size_of::<CallerRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<CallerRecord>() == 72);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
-const _: () = assert!(core::mem::size_of::<WatchConfig>() == 32);
-const _: () = assert!(core::mem::size_of::<CgroupConnectState>() == 24);
+const _: () = assert!(core::mem::size_of::<WatchConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<PodParent>() == 16);
+const _: () = assert!(core::mem::size_of::<PodParents>() == 8 + 16 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<CgroupConnectState>() == 32);
+const _: () = assert!(core::mem::size_of::<OpenState>() == 24);

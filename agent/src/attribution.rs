@@ -1,23 +1,33 @@
 //! Who is calling, from the kernel, and what follows from it: token binding and per-pod limits.
 //!
 //! At accept, the eBPF record of the connection (the process that called `connect()`) is taken
-//! and its cgroup resolved to a pod. Per request, the token's claims are compared with that
-//! pod ([`Binding`]) and the pod's request rate is checked.
+//! and its cgroup resolved to a pod; the pod's open connections are capped. Per request, the
+//! pod's request rate is checked, and the token's claims are compared with that pod
+//! ([`Binding`]).
+//!
+//! Every per-pod limit is keyed by the pod the kernel saw ([`PodKey`]), never by what the token
+//! claims: a client cannot pick whose allowance it spends. Callers the kernel cannot place in a
+//! pod all share one allowance.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus::IntCounter;
 
-use crate::cgroup::{CgroupInfo, CgroupResolver};
+use crate::cgroup::{Cached, CgroupInfo, CgroupResolver};
 use crate::config::{RateLimit, TokenBinding};
 use crate::credentials::cache::{Entry, KeepPredicate};
 use crate::ebpf::{self, Callers};
 use crate::token::Claims;
+
+/// Most pods with a request allowance in memory. Far above any node's pod count; past it (only
+/// under churn faster than pruning) new pods share the allowance of callers in no pod.
+const MAX_LIMITED_PODS: usize = 10_000;
 
 /// What the agent knows of the peer of a connection.
 #[derive(Debug, Clone)]
@@ -41,8 +51,30 @@ impl Caller {
 
     /// The pod UID the kernel attributes the connection to.
     pub fn pod_uid(&self) -> Option<&str> {
-        Some(self.cgroup.as_ref()?.pod.as_ref()?.pod_uid.as_str())
+        Some(&self.cgroup.as_ref()?.pod.as_ref()?.pod_uid)
     }
+
+    /// Whose allowance this caller spends.
+    pub fn pod_key(&self) -> PodKey {
+        match self.cgroup.as_ref().and_then(|c| c.pod.as_ref()) {
+            Some(pod) => PodKey::Pod(pod.pod_uid.clone()),
+            None => PodKey::Unplaced,
+        }
+    }
+}
+
+/// The key of per-pod limits: the pod the kernel placed the caller in, or one key shared by every
+/// caller it could not place (no record, a cgroup not found, a cgroup that is not a pod's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PodKey {
+    Pod(Arc<str>),
+    Unplaced,
+}
+
+/// An accepted connection: its caller, and the slot it holds among its pod's open connections.
+pub struct Connection {
+    pub caller: Caller,
+    _slot: Option<ConnectionSlot>,
 }
 
 /// The result of comparing a token with its caller.
@@ -69,70 +101,124 @@ impl Binding {
     }
 }
 
+/// The attribution policy: plain data.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub binding: TokenBinding,
+    /// This node's name, compared with the token's node claim.
+    pub node_name: Option<String>,
+    /// Requests per second and burst per pod (rate 0: off).
+    pub pod_request: RateLimit,
+    /// Most connections a pod holds open at once (0: no cap).
+    pub pod_max_connections: u32,
+}
+
+impl Policy {
+    /// No binding, no per-pod limits.
+    pub fn off() -> Self {
+        Policy {
+            binding: TokenBinding::Off,
+            node_name: None,
+            pod_request: RateLimit {
+                per_second: 0,
+                burst: 0,
+            },
+            pod_max_connections: 0,
+        }
+    }
+}
+
 /// The attribution policy and its kernel sources.
 pub struct Attribution {
     callers: Option<Callers>,
     resolver: Option<Arc<CgroupResolver>>,
     binding: TokenBinding,
     node_name: Option<String>,
-    pod_limit: Option<DefaultKeyedRateLimiter<String>>,
+    pod_limit: Option<DefaultKeyedRateLimiter<PodKey>>,
+    open: Option<Arc<OpenConnections>>,
+    /// Connections closed at once because their pod held its maximum.
+    connections_refused: IntCounter,
     /// Pod UID → namespace, learned from tokens whose pod the kernel confirmed: labels kernel
     /// counters, which know only cgroups.
-    namespaces: RwLock<HashMap<String, Arc<str>>>,
+    namespaces: RwLock<HashMap<Arc<str>, Arc<str>>>,
 }
 
 /// Most pods whose namespace is remembered; past it the memory starts afresh.
 const MAX_REMEMBERED_PODS: usize = 10_000;
 
 impl Attribution {
-    /// `callers` and `resolver` are `None` when the eBPF programs are not attached.
+    /// `callers` and `resolver` are `None` when the eBPF programs are not attached; every caller
+    /// is then unplaced (and shares one allowance under per-pod limits).
     pub fn new(
         callers: Option<Callers>,
         resolver: Option<Arc<CgroupResolver>>,
-        binding: TokenBinding,
-        node_name: Option<String>,
-        pod_request: RateLimit,
+        policy: Policy,
+        connections_refused: IntCounter,
     ) -> Self {
-        let pod_limit = NonZeroU32::new(pod_request.per_second).map(|rate| {
-            let burst = NonZeroU32::new(pod_request.burst).unwrap_or(rate);
+        let pod_limit = NonZeroU32::new(policy.pod_request.per_second).map(|rate| {
+            let burst = NonZeroU32::new(policy.pod_request.burst).unwrap_or(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        let open = (policy.pod_max_connections > 0).then(|| {
+            Arc::new(OpenConnections {
+                limit: policy.pod_max_connections as usize,
+                by_pod: Mutex::new(HashMap::new()),
+            })
         });
         Attribution {
             callers,
             resolver,
-            binding,
-            node_name,
+            binding: policy.binding,
+            node_name: policy.node_name,
             pod_limit,
+            open,
+            connections_refused,
             namespaces: RwLock::new(HashMap::new()),
         }
     }
 
     /// Nothing from the kernel, no binding, no limits.
+    #[cfg(test)]
     pub fn off() -> Self {
-        Attribution::new(
-            None,
-            None,
-            TokenBinding::Off,
-            None,
-            RateLimit {
-                per_second: 0,
-                burst: 0,
-            },
-        )
+        let counter = IntCounter::new("unregistered", "unregistered").unwrap();
+        Attribution::new(None, None, Policy::off(), counter)
     }
 
     pub fn is_attached(&self) -> bool {
         self.callers.is_some()
     }
 
+    /// An accepted connection: who made it, and whether its pod may hold one more. `None`: the
+    /// pod holds its maximum of open connections already; close this one at once.
+    pub async fn admit(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
+        let caller = self.identify(peer, local).await;
+        let slot = match &self.open {
+            Some(open) => match OpenConnections::take(open, caller.pod_key()) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.connections_refused.inc();
+                    tracing::debug!(%peer, pod_uid = caller.pod_uid(), "the pod holds its maximum of open connections; closing a new one");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        Some(Connection {
+            caller,
+            _slot: slot,
+        })
+    }
+
     /// The caller of an accepted connection: takes the kernel's record of it and resolves its
-    /// cgroup. A cgroup not seen before means walking the cgroup tree: done on the blocking pool.
+    /// cgroup. A cgroup not seen before means walking the cgroup tree: done on the blocking pool,
+    /// and without holding up callers whose cgroup is known.
     pub async fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
         let process = self.callers.as_ref().and_then(|c| c.take(peer, local));
         let cgroup = match (&process, &self.resolver) {
             (Some(p), Some(resolver)) => match resolver.cached(p.cgroup_id) {
-                Some(info) => Some(info),
-                None => {
+                Cached::Known(info) => Some(info),
+                Cached::Missing => None,
+                Cached::Unknown => {
                     let (resolver, id) = (resolver.clone(), p.cgroup_id);
                     tokio::task::spawn_blocking(move || resolver.resolve(id))
                         .await
@@ -157,6 +243,9 @@ impl Attribution {
         if caller.process.is_none() {
             return Binding::Unattributed("no kernel record of the connection".into());
         }
+        if caller.cgroup.is_none() {
+            return Binding::Unattributed("the caller's cgroup was not found".into());
+        }
         let Some(caller_pod) = caller.pod_uid() else {
             return Binding::Unattributed("the caller is not in a pod's cgroup".into());
         };
@@ -176,16 +265,17 @@ impl Attribution {
                 "the token is for node {token_node}, this is node {node}"
             ));
         }
-        if let Some(namespace) = claims.namespace() {
-            self.remember_namespace(caller_pod, namespace);
+        if let (Some(namespace), PodKey::Pod(pod)) = (claims.namespace(), caller.pod_key()) {
+            self.remember_namespace(pod, namespace);
         }
         Binding::Match
     }
 
-    fn remember_namespace(&self, pod_uid: &str, namespace: &str) {
+    fn remember_namespace(&self, pod_uid: Arc<str>, namespace: &str) {
         // Known already on every request but a pod's first: a shared read, no exclusive lock.
-        let is_known =
-            |map: &HashMap<String, Arc<str>>| map.get(pod_uid).is_some_and(|ns| &**ns == namespace);
+        let is_known = |map: &HashMap<Arc<str>, Arc<str>>| {
+            map.get(&pod_uid).is_some_and(|ns| &**ns == namespace)
+        };
         if self.namespaces.read().is_ok_and(|map| is_known(&map)) {
             return;
         }
@@ -195,14 +285,24 @@ impl Attribution {
         if known.len() >= MAX_REMEMBERED_PODS {
             known.clear();
         }
-        known.insert(pod_uid.to_owned(), Arc::from(namespace));
+        known.insert(pod_uid, Arc::from(namespace));
     }
 
     /// The namespace of the pod a cgroup belongs to, when a request from it has shown it.
+    /// May walk the cgroup tree: blocking, for background work.
     pub fn namespace_of_cgroup(&self, cgroup_id: u64) -> Option<Arc<str>> {
         let info = self.resolver.as_ref()?.resolve(cgroup_id)?;
         let pod = info.pod.as_ref()?;
         self.namespaces.read().ok()?.get(&pod.pod_uid).cloned()
+    }
+
+    /// Whether the cgroup with this id exists now (a pod's, or any below the attach point); what
+    /// the kernel's per-pod state is pruned by. May walk the cgroup tree: blocking, for background
+    /// work. False without the kernel programs.
+    pub fn cgroup_exists(&self, cgroup_id: u64) -> bool {
+        self.resolver
+            .as_ref()
+            .is_some_and(|r| r.resolve(cgroup_id).is_some() && r.is_alive(cgroup_id))
     }
 
     /// Why a request with this binding result is refused, if it is (only under `enforce`).
@@ -217,18 +317,28 @@ impl Attribution {
         }
     }
 
-    /// Takes one request from the pod's allowance; `Err` says when to retry.
-    pub fn check_pod_rate(&self, caller: &Caller, claims: &Claims) -> Result<(), Duration> {
+    /// Takes one request from the allowance of the caller's pod (as the kernel placed it; all
+    /// unplaced callers share one); `Err` says when to retry.
+    pub fn check_pod_rate(&self, caller: &Caller) -> Result<(), Duration> {
         let Some(limit) = &self.pod_limit else {
             return Ok(());
         };
-        // The kernel's word first; the token's claim only for callers it could not attribute.
-        let Some(pod) = caller.pod_uid().or(claims.pod_uid()) else {
-            return Ok(());
-        };
+        let mut key = caller.pod_key();
+        if limit.len() >= MAX_LIMITED_PODS {
+            key = PodKey::Unplaced;
+        }
         limit
-            .check_key(&pod.to_owned())
+            .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Forgets the request allowances of pods idle long enough to have refilled them: call it
+    /// now and then, off the request path.
+    pub fn prune(&self) {
+        if let Some(limit) = &self.pod_limit {
+            limit.retain_recent();
+            limit.shrink_to_fit();
+        }
     }
 
     /// Keeps renewing a cached entry only while the cgroup it was last served to exists.
@@ -237,6 +347,50 @@ impl Attribution {
         Some(Arc::new(move |entry: &Entry| {
             entry.owner_cgroup().is_none_or(|id| resolver.is_alive(id))
         }))
+    }
+}
+
+/// Open connections per pod, capped.
+struct OpenConnections {
+    limit: usize,
+    by_pod: Mutex<HashMap<PodKey, usize>>,
+}
+
+impl OpenConnections {
+    /// One more connection for `key`, unless it holds `limit` already.
+    fn take(this: &Arc<Self>, key: PodKey) -> Option<ConnectionSlot> {
+        let mut by_pod = this.by_pod.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = by_pod.entry(key.clone()).or_insert(0);
+        if *open >= this.limit {
+            return None;
+        }
+        *open += 1;
+        Some(ConnectionSlot {
+            owner: this.clone(),
+            key,
+        })
+    }
+}
+
+/// A pod's open connection; gives its slot back when dropped (the connection ended).
+struct ConnectionSlot {
+    owner: Arc<OpenConnections>,
+    key: PodKey,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut by_pod = self
+            .owner
+            .by_pod
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = by_pod.get_mut(&self.key) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                by_pod.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -282,7 +436,7 @@ mod tests {
                 id: 7,
                 path: "/kubepods.slice/x".into(),
                 pod: pod_uid.map(|uid| PodCgroup {
-                    pod_uid: uid.into(),
+                    pod_uid: Arc::from(uid),
                     container_id: None,
                     qos: Qos::Burstable,
                 }),
@@ -290,17 +444,27 @@ mod tests {
         }
     }
 
+    fn counter() -> IntCounter {
+        IntCounter::new("refused", "refused").unwrap()
+    }
+
     fn policy(binding: TokenBinding, node: Option<&str>) -> Attribution {
-        Attribution::new(
-            None,
-            None,
+        let policy = Policy {
             binding,
-            node.map(str::to_owned),
-            RateLimit {
-                per_second: 0,
-                burst: 0,
-            },
-        )
+            node_name: node.map(str::to_owned),
+            ..Policy::off()
+        };
+        Attribution::new(None, None, policy, counter())
+    }
+
+    fn limited(per_second: u32, burst: u32, max_connections: u32) -> Attribution {
+        let policy = Policy {
+            binding: TokenBinding::Audit,
+            pod_request: RateLimit { per_second, burst },
+            pod_max_connections: max_connections,
+            ..Policy::off()
+        };
+        Attribution::new(None, None, policy, counter())
     }
 
     #[test]
@@ -353,30 +517,68 @@ mod tests {
     }
 
     #[test]
-    fn pod_rate_is_per_pod() {
-        let a = Attribution::new(
-            None,
-            None,
-            TokenBinding::Audit,
-            None,
-            RateLimit {
-                per_second: 1,
-                burst: 2,
-            },
-        );
-        let c = claims(Some(POD), None);
+    fn pod_rate_is_per_pod_as_the_kernel_placed_it() {
+        let a = limited(1, 2, 0);
         let me = caller(Some(POD), true);
-        assert!(a.check_pod_rate(&me, &c).is_ok());
-        assert!(a.check_pod_rate(&me, &c).is_ok());
-        let wait = a.check_pod_rate(&me, &c).unwrap_err();
+        assert!(a.check_pod_rate(&me).is_ok());
+        assert!(a.check_pod_rate(&me).is_ok());
+        let wait = a.check_pod_rate(&me).unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         let neighbour = caller(Some("another-pod"), true);
+        assert!(a.check_pod_rate(&neighbour).is_ok());
+        a.prune();
+        assert!(a.check_pod_rate(&me).is_err(), "pruning keeps busy pods");
+    }
+
+    #[test]
+    fn callers_in_no_pod_share_one_allowance() {
+        let a = limited(1, 2, 0);
+        // Whatever pods their tokens name, and whether or not the kernel recorded them.
+        let host = caller(None, true);
+        let unrecorded = Caller::unattributed("169.254.200.9:1".parse().unwrap());
+        assert_eq!(host.pod_key(), PodKey::Unplaced);
+        assert!(a.check_pod_rate(&host).is_ok());
+        assert!(a.check_pod_rate(&unrecorded).is_ok());
+        assert!(a.check_pod_rate(&host).is_err());
+        assert!(a.check_pod_rate(&unrecorded).is_err());
+        assert!(a.check_pod_rate(&caller(Some(POD), true)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_pod_holds_at_most_its_maximum_of_open_connections() {
+        let a = limited(0, 0, 2);
+        let slot = |pod: Option<&str>| {
+            let key = caller(pod, true).pod_key();
+            a.open
+                .as_ref()
+                .and_then(|open| OpenConnections::take(open, key))
+        };
+        let first = slot(Some(POD)).expect("first");
+        let second = slot(Some(POD)).expect("second");
+        assert!(slot(Some(POD)).is_none(), "a third is refused");
         assert!(
-            a.check_pod_rate(&neighbour, &claims(Some("another-pod"), None))
-                .is_ok()
+            slot(Some("another-pod")).is_some(),
+            "another pod has its own"
         );
+        let host = slot(None).expect("unplaced callers have one shared cap");
+        drop(first);
+        assert!(
+            slot(Some(POD)).is_some(),
+            "a closed connection frees its slot"
+        );
+        drop((second, host));
+        let open = a.open.as_ref().unwrap().by_pod.lock().unwrap().len();
+        assert_eq!(open, 0, "pods without connections are forgotten");
+
+        // Through `admit`, with no kernel: every caller is unplaced, and the refusal is counted.
+        let peer = "169.254.200.1:1".parse().unwrap();
+        let local = "169.254.170.23:80".parse().unwrap();
+        let kept = [a.admit(peer, local).await, a.admit(peer, local).await];
+        assert!(kept.iter().all(Option::is_some));
+        assert!(a.admit(peer, local).await.is_none());
+        assert_eq!(a.connections_refused.get(), 1);
     }
 }

@@ -487,6 +487,21 @@ impl WriteErrors {
     }
 }
 
+/// Appends `record` to `line` as the log writes it: one JSON object, the schema version first,
+/// and a newline (the only one: JSON escapes those inside strings).
+///
+/// # Errors
+/// Serialisation failed (it cannot for these types, whose maps all have string keys).
+pub fn to_line(record: &AuditRecord, line: &mut Vec<u8>) -> serde_json::Result<()> {
+    let versioned = Versioned {
+        v: SCHEMA_VERSION,
+        record,
+    };
+    serde_json::to_writer(&mut *line, &versioned)?;
+    line.push(b'\n');
+    Ok(())
+}
+
 /// The writer thread: a batch at a time, flushed when the queue is momentarily empty.
 fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
     // One buffer for every record: a record is serialised whole before it is written, so that its
@@ -499,15 +514,8 @@ fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
         let mut next = Some(first);
         while let Some(record) = next {
             line.clear();
-            let versioned = Versioned {
-                v: SCHEMA_VERSION,
-                record: &record,
-            };
-            let written = match serde_json::to_writer(&mut line, &versioned) {
-                Ok(()) => {
-                    line.push(b'\n');
-                    out.write_line(&line)
-                }
+            let written = match to_line(&record, &mut line) {
+                Ok(()) => out.write_line(&line),
                 Err(e) => Err(io::Error::from(e)),
             };
             if let Err(e) = written {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig, RateLimit,
-    ServerConfig, TokenBinding, UpstreamConfig,
+    AdmissionConfig, AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig,
+    KubernetesConfig, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
+use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 
 /// The agent's address on IPv4, as in every pod's `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
 pub const AGENT_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
@@ -40,6 +41,30 @@ pub enum Command {
     Server(Box<ServerArgs>),
     /// Print the version and the git commit it was built from.
     Version,
+    /// Questions the audit log answers.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `audit …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Which pods and processes received an access key (CloudTrail's userIdentity.accessKeyId),
+    /// and when: reads the audit log and its rotated files.
+    Who(AuditWhoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditWhoArgs {
+    /// The access key id to look for (ASIA…).
+    #[arg(long)]
+    pub access_key_id: String,
+    /// The audit log; its rotated files (PATH.1, PATH.2, …) are read too.
+    #[arg(long, default_value = "/var/log/eks-pod-identity-agent/audit.log")]
+    pub audit_log: PathBuf,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -89,9 +114,18 @@ pub struct ServerArgs {
     #[arg(long)]
     pub endpoint: Option<String>,
 
-    /// cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 mount root].
+    /// cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 mount root]; pods
+    /// are recognised only in kubelet's hierarchy directly below it.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Kubelet's own --cgroup-root, if it sets one (e.g. /kubelet): pods are also recognised in
+    /// kubelet's hierarchy below it (relative to --cgroup-root).
+    #[arg(long, value_parser = parse_cgroup_subpath)]
+    pub kubelet_cgroup_root: Option<PathBuf>,
+    /// Most connections one pod may hold open at once; past it a new one is closed at once (0 =
+    /// no cap).
+    #[arg(long, default_value_t = 64)]
+    pub pod_max_connections: u32,
     /// Connections per second per pod, enforced in the kernel (0 = off).
     #[arg(long, default_value_t = 0)]
     pub pod_connect_rate: u32,
@@ -126,6 +160,34 @@ pub struct ServerArgs {
     /// Burst of requests for the whole node above the rate.
     #[arg(long, default_value_t = 500)]
     pub global_request_burst: u32,
+
+    /// Once serving, remove the taint --startup-taint-key (every effect) from this node
+    /// (--node-name), so that pods are scheduled only once the agent can serve them. Needs the
+    /// Kubernetes API (in-cluster service account, or KUBECONFIG): `get` and `patch` on nodes.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_bool,
+        action = ArgAction::Set
+    )]
+    pub remove_startup_taint: bool,
+    /// The startup taint's key, as the node registers with it.
+    #[arg(long, default_value = DEFAULT_STARTUP_TAINT, value_parser = parse_taint_key)]
+    pub startup_taint_key: String,
+    /// Post a Warning Event on a pod whose credential request is refused or fails (no association,
+    /// AccessDenied, token binding mismatch, throttling, expired token). Needs the Kubernetes API:
+    /// `create` and `patch` on events.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_bool,
+        action = ArgAction::Set
+    )]
+    pub pod_events: bool,
 }
 
 /// `--token-binding` values.
@@ -154,6 +216,7 @@ impl ServerArgs {
                 renewals_per_second: self.max_service_qps,
                 renewal_jitter: Duration::from_secs(5 * 60),
                 retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+                admission: AdmissionConfig::default(),
             },
             upstream: UpstreamConfig {
                 endpoint: self.endpoint,
@@ -165,6 +228,8 @@ impl ServerArgs {
             },
             attribution: AttributionConfig {
                 cgroup_root: self.cgroup_root,
+                kubelet_cgroup_root: self.kubelet_cgroup_root,
+                pod_max_connections: self.pod_max_connections,
                 pod_connect: RateLimit {
                     per_second: self.pod_connect_rate,
                     burst: self.pod_connect_burst,
@@ -197,6 +262,13 @@ impl ServerArgs {
                 per_second: self.global_request_rate,
                 burst: self.global_request_burst,
             },
+            kubernetes: KubernetesConfig {
+                startup_taint: self.remove_startup_taint.then_some(self.startup_taint_key),
+                pod_events: self.pod_events,
+                call_timeout: Duration::from_secs(10),
+                retry_backoff: (Duration::from_secs(1), Duration::from_secs(30)),
+                event_queue: 1024,
+            },
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -221,6 +293,27 @@ pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
         .unwrap_or(s);
     bare.parse()
         .map_err(|_| format!("{s:?} is not an IP address (IPv6 may be in brackets)"))
+}
+
+/// A cgroup path below another, as kubelet's `--cgroup-root` is written (`/kubelet`, `/a/b`,
+/// `/kubelet.slice`): no `.` or `..`, not empty, not the root itself.
+pub fn parse_cgroup_subpath(s: &str) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let path = PathBuf::from(s);
+    let mut names = 0;
+    for c in path.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(_) => names += 1,
+            _ => return Err(format!("{s:?}: a cgroup path without . or ..")),
+        }
+    }
+    if names == 0 {
+        return Err(format!(
+            "{s:?}: name a cgroup below the root, as kubelet's --cgroup-root (e.g. /kubelet)"
+        ));
+    }
+    Ok(path)
 }
 
 /// Go-style durations as the original takes them: `3h`, `90m`, `1h30m`, `45s`, `0`.
@@ -259,6 +352,42 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     number
         .checked_mul(factor)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A taint key as Kubernetes takes it (a qualified name): an optional DNS subdomain prefix and `/`,
+/// then a name of at most 63 characters, alphanumerics with `-`, `_` or `.` inside.
+pub fn parse_taint_key(s: &str) -> Result<String, String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, s),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && label.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    if name_ok && prefix_ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a taint key (an optional DNS prefix and /, then a name like agent-not-ready)"
+        ))
+    }
 }
 
 /// A boolean as the original's flag library (Go's `strconv.ParseBool`) takes it.
@@ -316,6 +445,8 @@ mod tests {
         assert_eq!(c.cache.renewals_per_second, 3);
         assert!(c.cache.enabled());
         assert_eq!(c.attribution.token_binding, TokenBinding::Audit);
+        assert_eq!(c.attribution.kubelet_cgroup_root, None);
+        assert_eq!(c.attribution.pod_max_connections, 64);
         assert_eq!(
             c.global_rate,
             RateLimit {
@@ -468,6 +599,30 @@ mod tests {
     }
 
     #[test]
+    fn kubelet_cgroup_root_and_pod_max_connections() {
+        let c = server(&[
+            "-c",
+            "x",
+            "--kubelet-cgroup-root",
+            "/kubelet",
+            "--pod-max-connections",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.attribution.kubelet_cgroup_root.as_deref(),
+            Some(std::path::Path::new("/kubelet"))
+        );
+        assert_eq!(c.attribution.pod_max_connections, 8);
+        for bad in ["/", "", "/a/../b", "./x"] {
+            assert!(
+                server(&["-c", "x", "--kubelet-cgroup-root", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn sizes_take_units() {
         assert_eq!(parse_size("0"), Ok(0));
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
@@ -486,5 +641,71 @@ mod tests {
         let c = server(&["-c", "x"]).unwrap();
         assert_eq!(c.attribution.audit_rotation.max_size, 100 << 20);
         assert_eq!(c.attribution.audit_rotation.max_backups, 5);
+    }
+
+    #[test]
+    fn kubernetes_features_are_off_by_default_and_take_bool_values() {
+        let c = server(&["-c", "x"]).unwrap();
+        assert_eq!(c.kubernetes.startup_taint, None);
+        assert!(!c.kubernetes.pod_events);
+        assert!(!c.kubernetes.enabled());
+        let c = server(&[
+            "-c",
+            "x",
+            "--remove-startup-taint",
+            "true",
+            "--pod-events=true",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.kubernetes.startup_taint.as_deref(),
+            Some(DEFAULT_STARTUP_TAINT)
+        );
+        assert!(c.kubernetes.pod_events);
+        let c = server(&[
+            "-c",
+            "x",
+            "--remove-startup-taint",
+            "--startup-taint-key",
+            "example.com/agent-not-ready",
+            "--pod-events",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.kubernetes.startup_taint.as_deref(),
+            Some("example.com/agent-not-ready")
+        );
+        assert!(!c.kubernetes.pod_events);
+        let c = server(&["-c", "x", "--startup-taint-key", "k"]).unwrap();
+        assert_eq!(
+            c.kubernetes.startup_taint, None,
+            "the key alone is not the switch"
+        );
+    }
+
+    #[test]
+    fn taint_keys_are_qualified_names() {
+        for good in [
+            DEFAULT_STARTUP_TAINT,
+            "agent-not-ready",
+            "node.cilium.io/agent-not-ready",
+            "a/b",
+            "x_y.z",
+        ] {
+            assert_eq!(parse_taint_key(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in [
+            "",
+            "/x",
+            "a/",
+            "Example.com/x",
+            "a/-x",
+            "a/b/c",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(parse_taint_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub cache: CacheConfig,
     pub upstream: UpstreamConfig,
     pub attribution: AttributionConfig,
+    /// The Kubernetes API features (startup taint, Events on pods); both off by default.
+    pub kubernetes: KubernetesConfig,
     /// Requests per second and burst for the whole node (the original's 1000/500), answered 429.
     pub global_rate: RateLimit,
     /// How long in-flight requests may take to finish after SIGTERM.
@@ -57,6 +59,65 @@ pub struct CacheConfig {
     pub renewal_jitter: Duration,
     /// First and longest wait between retries of a renewal that failed transiently.
     pub retry_backoff: (Duration, Duration),
+    /// How calls to EKS Auth are paced, and how long a pod's first request waits for one.
+    pub admission: AdmissionConfig,
+}
+
+/// The admission path to EKS Auth: calls paced to what EKS Auth accepts (the rate adapts to its
+/// throttling), pods' first requests before renewals, and how long a request waits for its turn.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// Calls per second at start, and again after a quiet spell without throttling.
+    pub initial_rate: f64,
+    /// The rate never falls below this, however much EKS Auth throttles.
+    pub min_rate: f64,
+    /// Nor rises above this (no more than the node-wide request limit could ever need).
+    pub max_rate: f64,
+    /// Calls that may go at once after an idle spell (never more than a second's worth).
+    pub burst: f64,
+    /// Once EKS Auth has throttled, how much the rate grows each second while calls queue.
+    pub increase_per_second: f64,
+    /// What a `ThrottlingException` multiplies the rate by.
+    pub decrease_factor: f64,
+    /// After this long without throttling, the rate starts afresh (EKS Auth's limit is shared
+    /// with the cluster's other nodes, so what it accepts moves).
+    pub quiet_reset: Duration,
+    /// Most first fetches queued; past it a request is refused at once.
+    pub max_queued: usize,
+    /// How long a request waits for credentials that are being fetched: less than the SDKs' 2 s
+    /// client timeout, so that they get an answer rather than time out.
+    pub wait_deadline: Duration,
+    /// The fixed pause before the next attempt of the SDKs that ignore `Retry-After` (botocore,
+    /// JS: 1 s): a request that cannot be served in time is answered so that the SDK's retry
+    /// arrives when its credentials are expected.
+    pub sdk_retry_delay: Duration,
+    /// How often a throttled first fetch goes back to the head of the queue before the
+    /// throttling is reported.
+    pub throttle_retries: u32,
+    /// How long a token's permanent error (invalid, expired, denied, no association) is
+    /// remembered, so that an SDK retrying it costs one upstream call; and for how many tokens.
+    pub permanent_error_ttl: Duration,
+    pub permanent_error_entries: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            initial_rate: 20.0,
+            min_rate: 2.0,
+            max_rate: 1000.0,
+            burst: 20.0,
+            increase_per_second: 5.0,
+            decrease_factor: 0.7,
+            quiet_reset: Duration::from_secs(30),
+            max_queued: 5000,
+            wait_deadline: Duration::from_millis(1500),
+            sdk_retry_delay: Duration::from_secs(1),
+            throttle_retries: 5,
+            permanent_error_ttl: Duration::from_secs(15),
+            permanent_error_entries: 4096,
+        }
+    }
 }
 
 impl CacheConfig {
@@ -116,7 +177,13 @@ pub struct AuditRotation {
 #[derive(Debug, Clone)]
 pub struct AttributionConfig {
     /// The cgroup v2 directory the eBPF programs attach to; `None`: the cgroup v2 mount root.
+    /// Pods are recognised only in kubelet's hierarchy directly below it.
     pub cgroup_root: Option<PathBuf>,
+    /// Kubelet's own `--cgroup-root`, relative to `cgroup_root`, when kubelet uses one: pods are
+    /// also recognised in the hierarchy below it.
+    pub kubelet_cgroup_root: Option<PathBuf>,
+    /// Most connections one pod holds open to a listener at once (0: no cap).
+    pub pod_max_connections: u32,
     /// Connections per second per pod cgroup, enforced in the kernel (rate 0 = off).
     pub pod_connect: RateLimit,
     /// Requests per second per pod, enforced by the agent (rate 0 = off).
@@ -131,6 +198,32 @@ pub struct AttributionConfig {
     pub audit_queue: usize,
     /// Most distinct namespaces labelled in per-namespace metrics; the rest count as `other`.
     pub namespace_label_limit: usize,
+}
+
+/// What the agent asks of the Kubernetes API. With both features off no client is created and
+/// nothing here is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// The key of the startup taint to remove from this node once the agent is ready (every effect
+    /// of it; other taints are kept); `None`: leave the node's taints alone.
+    pub startup_taint: Option<String>,
+    /// Post Events on pods whose credential requests are refused or fail.
+    pub pod_events: bool,
+    /// Deadline of one API call.
+    pub call_timeout: Duration,
+    /// First and longest wait between attempts when the API fails (the startup taint, and Events
+    /// that could not be sent).
+    pub retry_backoff: (Duration, Duration),
+    /// Room in the queue between the request path and the Events task; beyond it observations
+    /// are dropped and counted.
+    pub event_queue: usize,
+}
+
+impl KubernetesConfig {
+    /// Whether any feature needs the Kubernetes API.
+    pub fn enabled(&self) -> bool {
+        self.startup_taint.is_some() || self.pod_events
+    }
 }
 
 /// The `initialize` subcommand's settings.

@@ -14,6 +14,7 @@
 //!   [`audit_who`] answers from the audit log which pod and process got an access key.
 //!
 //! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness),
+//! [`kubernetes`] (the startup taint and Events on pods, only when switched on),
 //! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
@@ -27,6 +28,7 @@ pub mod credentials;
 pub mod ebpf;
 pub mod go_runner;
 pub mod http;
+pub mod kubernetes;
 pub mod listener;
 pub mod metrics;
 pub mod netlink;

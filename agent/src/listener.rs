@@ -1,7 +1,12 @@
-//! Listeners: bind, accept, serve HTTP/1 connections, and drain them on shutdown.
+//! Listeners: bind, listen, accept, serve HTTP/1 connections, and drain them on shutdown.
 //!
 //! Mechanism only: what a request gets is the handler's business ([`crate::http`]), and who the
-//! peer is, the `identify` function's ([`crate::attribution`]).
+//! peer is — and whether its connection is kept at all — the `admit` function's
+//! ([`crate::attribution`]).
+//!
+//! Binding and listening are two steps ([`bind`], then [`Bound::listen`]): a bound socket that
+//! does not listen refuses connections (RST), so the server can attach what attributes
+//! connections in between, and no connection is accepted, nor queued in the backlog, before.
 
 use std::future::Future;
 use std::io;
@@ -49,8 +54,44 @@ impl BindError {
     }
 }
 
-/// Binds a listening socket (IPv6 sockets take IPv6 only, so v4 and v6 listeners coexist).
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+/// A bound socket that does not listen yet: connections to it are refused.
+pub struct Bound {
+    socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl Bound {
+    /// The bound address (with the port the kernel chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts listening: from now on the kernel completes handshakes and queues connections.
+    ///
+    /// # Errors
+    /// `listen()` failed.
+    pub fn listen(self) -> Result<TcpListener, BindError> {
+        let addr = self.addr;
+        self.socket
+            .listen(1024)
+            .map_err(|source| BindError { addr, source })
+    }
+}
+
+/// Binds and listens at once, for sockets nothing needs to watch first (probes, metrics).
+///
+/// # Errors
+/// Which step failed, with the address.
+pub fn bind_and_listen(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    bind(addr)?.listen()
+}
+
+/// Binds a socket without listening (IPv6 sockets take IPv6 only, so v4 and v6 listeners
+/// coexist).
+///
+/// # Errors
+/// Which step failed, with the address ([`BindError::address_missing`] when it is not here).
+pub fn bind(addr: SocketAddr) -> Result<Bound, BindError> {
     let err = |source| BindError { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -65,7 +106,8 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
             .map_err(err)?;
     }
     socket.bind(addr).map_err(err)?;
-    socket.listen(1024).map_err(err)
+    let addr = socket.local_addr().map_err(err)?;
+    Ok(Bound { socket, addr })
 }
 
 /// Set while a listener's accept loop runs: what `/readyz` reports.
@@ -82,14 +124,27 @@ impl Accepting {
     }
 }
 
+/// How every connection speaks HTTP/1: bounded request heads, and a deadline to send one. Public
+/// for the fuzz targets, which serve in-memory connections with it.
+pub fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+}
+
 /// Serves `listener` until `shutdown` is cancelled, then waits up to `drain` for open
 /// connections to finish their requests.
 ///
-/// `identify` runs once per connection, in the connection's own task, with the peer and local
-/// addresses; `handle` once per request with what `identify` returned.
+/// `admit` runs once per connection, in the connection's own task, with the peer and local
+/// addresses; `None` closes the connection at once. `handle` runs once per request with what
+/// `admit` returned, which lives as long as the connection.
 pub async fn serve<C, I, IF, H, F>(
     listener: TcpListener,
-    identify: I,
+    admit: I,
     handle: H,
     accepting: Accepting,
     shutdown: CancellationToken,
@@ -97,7 +152,7 @@ pub async fn serve<C, I, IF, H, F>(
 ) where
     C: Send + Sync + 'static,
     I: Fn(SocketAddr, SocketAddr) -> IF,
-    IF: Future<Output = C> + Send + 'static,
+    IF: Future<Output = Option<C>> + Send + 'static,
     H: Fn(Request<Incoming>, Arc<C>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -126,22 +181,21 @@ pub async fn serve<C, I, IF, H, F>(
             },
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        let identified = identify(peer, local);
+        let admitted = admit(peer, local);
         let handle = handle.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let context = Arc::new(identified.await);
+            let Some(context) = admitted.await else {
+                // Dropping the stream closes it, and the permit frees the slot.
+                return;
+            };
+            let context = Arc::new(context);
             let service = service_fn(move |req| {
                 let handle = handle.clone();
                 let context = context.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(req, context).await) }
             });
-            let conn = http1::Builder::new()
-                .max_buf_size(MAX_HEAD_BYTES)
-                .max_headers(MAX_HEADERS)
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+            let conn = http1_builder().serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label value for namespaces beyond the cardinality bound.
@@ -63,14 +63,35 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub cache_entries: IntGauge,
     pub upstream_in_flight: IntGauge,
+    /// The pace the admission path allows towards EKS Auth now (calls per second).
+    pub upstream_rate: Gauge,
+    /// Calls to EKS Auth waiting for their turn, by `type` (`fetch`, `refresh`).
+    pub upstream_queued: IntGaugeVec,
+    /// Requests answered 429 because their credentials could not be fetched before their
+    /// deadline (queued behind EKS Auth's pace).
+    pub upstream_deferred: IntCounter,
+    /// Requests answered from the short-lived memory of tokens' permanent errors, with no
+    /// upstream call.
+    pub permanent_error_hits: IntCounter,
     pub ebpf_attached: IntGauge,
+    /// 1 when the kernel enforces the per-pod connect limit (the kernel can run it), else 0.
+    pub ebpf_connect_limiter: IntGauge,
     pub connections_denied: IntCounterVec,
     pub binding: IntCounterVec,
     pub requests_by_namespace: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub pod_requests_limited: IntCounter,
+    /// Connections closed at once because their pod held its maximum of open connections.
+    pub pod_connections_refused: IntCounter,
     /// Always 1, labelled with the version and git commit of the binary.
     pub build_info: IntGaugeVec,
+    /// Failed Kubernetes API calls by `operation` (see [`crate::kubernetes::Operation`]).
+    pub kubernetes_api_errors: IntCounterVec,
+    /// 1 once this node is without the startup taint (`key`), 0 until then; absent when
+    /// `--remove-startup-taint` is off.
+    pub startup_taint_removed: IntGaugeVec,
+    /// Events on pods by `outcome`: `created`, `updated`, `queue_full`, `unnamed`, `abandoned`.
+    pub pod_events: IntCounterVec,
 }
 
 /// Why the registry could not be built (a programming error: names and labels are constants).
@@ -122,6 +143,34 @@ impl Metrics {
             "Credential requests refused with 429 by the per-pod request limit.",
         )?;
         registry.register(Box::new(pod_requests_limited.clone()))?;
+        let pod_connections_refused = IntCounter::new(
+            "pod_identity_pod_connections_refused_total",
+            "Connections closed at once because their pod held --pod-max-connections open already.",
+        )?;
+        registry.register(Box::new(pod_connections_refused.clone()))?;
+        let upstream_rate = Gauge::new(
+            "pod_identity_upstream_rate",
+            "Calls per second to EKS Auth the admission path allows now; adapts to EKS Auth's throttling.",
+        )?;
+        registry.register(Box::new(upstream_rate.clone()))?;
+        let upstream_queued = IntGaugeVec::new(
+            Opts::new(
+                "pod_identity_upstream_queued",
+                "Calls to EKS Auth waiting for their turn, by type: fetch (a pod's first request), refresh (a renewal).",
+            ),
+            &["type"],
+        )?;
+        registry.register(Box::new(upstream_queued.clone()))?;
+        let upstream_deferred = IntCounter::new(
+            "pod_identity_upstream_deferred_total",
+            "Credential requests answered 429 with Retry-After because EKS Auth's pace could not fetch their credentials before their deadline.",
+        )?;
+        registry.register(Box::new(upstream_deferred.clone()))?;
+        let permanent_error_hits = IntCounter::new(
+            "pod_identity_permanent_error_hits_total",
+            "Credential requests answered with a permanent EKS Auth error remembered for their token, without an upstream call.",
+        )?;
+        registry.register(Box::new(permanent_error_hits.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "pod_identity_build_info",
@@ -130,6 +179,14 @@ impl Metrics {
             &["version", "commit"],
         )?;
         registry.register(Box::new(build_info.clone()))?;
+        let startup_taint_removed = IntGaugeVec::new(
+            Opts::new(
+                "pod_identity_startup_taint_removed",
+                "1 once this node is without the startup taint (removed by the agent, or absent), 0 until then; only with --remove-startup-taint.",
+            ),
+            &["key"],
+        )?;
+        registry.register(Box::new(startup_taint_removed.clone()))?;
         build_info
             .with_label_values(&[crate::VERSION, crate::COMMIT])
             .set(1);
@@ -163,9 +220,13 @@ impl Metrics {
                 "pod_identity_ebpf_attached",
                 "1 when the attribution eBPF programs are attached, else 0.",
             )?,
+            ebpf_connect_limiter: gauge(
+                "pod_identity_ebpf_connect_limiter",
+                "1 when the per-pod connect limit is enforced in the kernel, else 0 (programs not attached, or a kernel without 64-bit compare-and-swap in BPF).",
+            )?,
             connections_denied: counter_vec(
                 "pod_identity_connections_denied_total",
-                "Connections to the agent refused in the kernel by the per-pod connect limit, by namespace.",
+                "Connections to the agent refused in the kernel (EPERM) by the per-pod connect rate or open-connection cap, by namespace.",
                 &["namespace"],
             )?,
             binding: counter_vec(
@@ -180,6 +241,22 @@ impl Metrics {
             )?,
             audit_dropped,
             pod_requests_limited,
+            pod_connections_refused,
+            upstream_rate,
+            upstream_queued,
+            upstream_deferred,
+            permanent_error_hits,
+            kubernetes_api_errors: counter_vec(
+                "pod_identity_kubernetes_api_errors_total",
+                "Failed Kubernetes API calls by operation: client (no usable configuration), get_node, patch_node (conflicts included), create_event, patch_event.",
+                &["operation"],
+            )?,
+            startup_taint_removed,
+            pod_events: counter_vec(
+                "pod_identity_pod_events_total",
+                "Events on pods for refused or failed credential requests, by outcome: created, updated (the count of an Event raised), queue_full (dropped on the request path), unnamed (no verified name for the pod), abandoned (not sent after retries, or evicted).",
+                &["outcome"],
+            )?,
             build_info,
             registry,
         })

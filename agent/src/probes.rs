@@ -1,9 +1,8 @@
 //! Health, readiness and metrics endpoints.
 //!
 //! Answered in-process from state the listeners keep: the original agent probes itself over
-//! HTTP, and that self-request times out under load.
-
-use std::sync::Arc;
+//! HTTP, and that self-request times out under load. A scrape only renders: what comes from the
+//! kernel is brought up to date in the background (see [`crate::server`]).
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -29,15 +28,12 @@ impl Readiness {
     }
 }
 
-/// Runs before each scrape, to bring metrics read from elsewhere (the kernel) up to date.
-pub type OnScrape = Arc<dyn Fn() + Send + Sync>;
-
 /// What the probe and metrics ports serve.
 #[derive(Clone)]
 pub struct Probes {
     pub readiness: Readiness,
     /// `None` on the probe port, which serves only `/healthz` and `/readyz`.
-    pub metrics: Option<(Metrics, Option<OnScrape>)>,
+    pub metrics: Option<Metrics>,
 }
 
 impl Probes {
@@ -56,10 +52,7 @@ impl Probes {
                 "credential listeners are not accepting".into(),
             ),
             "/metrics" => match &self.metrics {
-                Some((metrics, on_scrape)) => {
-                    if let Some(on_scrape) = on_scrape {
-                        on_scrape();
-                    }
+                Some(metrics) => {
                     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,

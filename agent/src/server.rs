@@ -1,29 +1,40 @@
 //! `server`: assembles the agent from its parts and runs it until a shutdown signal.
 //!
-//! Order: metrics first (everything counts into them); the credential listeners next, so the
-//! eBPF programs can watch exactly the addresses that are up; then the programs (before serving,
-//! so the first requests are attributed); then EKS Auth, the cache and the endpoint; and last the
-//! probe and metrics ports, whose `/readyz` reports the credential listeners.
+//! Order: metrics first (everything counts into them); the credential sockets next, bound but not
+//! listening (connections are refused), so the eBPF programs can watch exactly the addresses that
+//! are up; then the programs; then EKS Auth, the cache and the endpoint; then the credential
+//! sockets listen — so no connection is accepted, nor even queued, before attribution is in place
+//! (under `enforce`, a restart refuses connections for a moment, never requests with 403); and
+//! last the probe and metrics ports, whose `/readyz` reports the credential listeners.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::attribution::Attribution;
+use crate::attribution::{Attribution, Policy};
 use crate::audit::{AuditError, AuditLog};
-use crate::cgroup::CgroupResolver;
+use crate::cgroup::{self, CgroupResolver, KubeletLayout};
 use crate::clock::Clock;
-use crate::config::{ServerConfig, TokenBinding};
+use crate::config::{RateLimit, ServerConfig, TokenBinding};
 use crate::credentials::cache::CredentialCache;
 use crate::credentials::eks_auth::{EksAuth, EksAuthSetupError};
 use crate::ebpf::{self, AttachConfig, EbpfError, Programs};
 use crate::http::Endpoint;
+use crate::kubernetes::Kubernetes;
+use crate::kubernetes::events::names_from_cache;
 use crate::listener::{self, Accepting, BindError};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
-use crate::probes::{OnScrape, Probes, Readiness};
+use crate::probes::{Probes, Readiness};
 use crate::shutdown;
+
+/// How often the kernel's counters are read into the metrics, and idle pods' request allowances
+/// forgotten: in the background, so that a scrape only renders.
+const BACKGROUND_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +46,23 @@ pub enum ServerError {
     #[error("none of the bind hosts {0:?} is on this host: run `initialize` first")]
     NoListener(Vec<IpAddr>),
     #[error("--token-binding enforce needs the eBPF programs, and they could not be attached")]
-    EbpfRequired(#[source] EbpfError),
+    EbpfRequired(#[source] AttachError),
     #[error(transparent)]
     EksAuth(#[from] EksAuthSetupError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+}
+
+/// Why kernel attribution could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error("--cgroup-root {}: not a directory below the cgroup2 mount {}", cgroup_root.display(), mount_root.display())]
+    OutsideMount {
+        cgroup_root: PathBuf,
+        mount_root: PathBuf,
+    },
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -57,23 +80,24 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     );
     let metrics = Metrics::new()?;
 
-    let mut credential_listeners = Vec::new();
+    // Bound, not listening: until attribution is in place, connections are refused.
+    let mut credential_sockets = Vec::new();
     for host in &config.bind_hosts {
         let addr = SocketAddr::new(*host, config.port);
         match listener::bind(addr) {
-            Ok(l) => credential_listeners.push(l),
+            Ok(bound) => credential_sockets.push(bound),
             Err(e) if e.address_missing() => {
                 tracing::warn!(%addr, error = %e.source, "bind host is not on this host; skipping it");
             }
             Err(e) => return Err(e.into()),
         }
     }
-    if credential_listeners.is_empty() {
+    if credential_sockets.is_empty() {
         return Err(ServerError::NoListener(config.bind_hosts.clone()));
     }
-    let targets: Vec<SocketAddr> = credential_listeners
+    let targets: Vec<SocketAddr> = credential_sockets
         .iter()
-        .filter_map(|l| l.local_addr().ok())
+        .map(listener::Bound::local_addr)
         .collect();
 
     let (programs, attribution) = attach(&config, targets, &metrics)?;
@@ -103,20 +127,34 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let namespaces = Arc::new(NamespaceLabels::new(
         config.attribution.namespace_label_limit,
     ));
-    let endpoint = Arc::new(Endpoint::new(
-        cache,
-        config.bind_hosts.clone(),
-        config.global_rate,
-        attribution.clone(),
-        audit,
-        metrics.clone(),
-        namespaces.clone(),
-        clock,
-    ));
+    // Off by default: with both features off, nothing of the Kubernetes client exists.
+    let (kubernetes, event_recorder) = match Kubernetes::new(
+        &config.kubernetes,
+        config.attribution.node_name.clone(),
+        &metrics,
+    ) {
+        Some((kubernetes, recorder)) => (Some((kubernetes, names_from_cache(&cache))), recorder),
+        None => (None, None),
+    };
+    let endpoint = Arc::new(
+        Endpoint::new(
+            cache,
+            config.bind_hosts.clone(),
+            config.global_rate,
+            attribution.clone(),
+            audit,
+            metrics.clone(),
+            namespaces.clone(),
+            clock,
+        )
+        .with_events(event_recorder),
+    );
 
     let mut tasks = JoinSet::new();
     let mut accepting = Vec::new();
-    for l in credential_listeners {
+    for bound in credential_sockets {
+        // Attribution is in place: from here on every connection has its kernel record.
+        let l = bound.listen()?;
         let ready = Accepting::default();
         accepting.push(ready.clone());
         let endpoint = endpoint.clone();
@@ -128,11 +166,11 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             l,
             move |peer, local| {
                 let attribution = attribution.clone();
-                async move { attribution.identify(peer, local).await }
+                async move { attribution.admit(peer, local).await }
             },
-            move |req, caller| {
+            move |req, connection| {
                 let endpoint = endpoint.clone();
-                async move { endpoint.handle(req, &caller).await }
+                async move { endpoint.handle(req, &connection.caller).await }
             },
             ready,
             shutdown.clone(),
@@ -141,10 +179,19 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     }
     drop(endpoint);
 
+    tasks.spawn(background(
+        programs.clone(),
+        attribution.clone(),
+        namespaces,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
     let readiness = Readiness::new(accepting);
-    let on_scrape = programs
-        .as_ref()
-        .map(|p| kernel_counters_sync(p.clone(), attribution.clone(), namespaces, metrics.clone()));
+    // In the background: the start-up never waits for the Kubernetes API.
+    if let Some((kubernetes, names)) = kubernetes {
+        tasks.spawn(kubernetes.run(readiness.clone(), names, shutdown.clone()));
+    }
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), config.probe_port);
     let metrics_addr = SocketAddr::new(config.metrics_address, config.metrics_port);
     spawn_probes(
@@ -161,7 +208,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         metrics_addr,
         Probes {
             readiness,
-            metrics: Some((metrics.clone(), on_scrape)),
+            metrics: Some(metrics.clone()),
         },
         &shutdown,
     )?;
@@ -187,17 +234,17 @@ fn spawn_probes(
     probes: Probes,
     shutdown: &CancellationToken,
 ) -> Result<(), BindError> {
-    let l = listener::bind(addr)?;
+    let l = listener::bind_and_listen(addr)?;
     tasks.spawn(listener::serve(
         l,
-        |_, _| std::future::ready(()),
+        |_, _| std::future::ready(Some(())),
         move |req, _| {
             let response = probes.handle(&req);
             async move { response }
         },
         Accepting::default(),
         shutdown.clone(),
-        std::time::Duration::from_secs(1),
+        Duration::from_secs(1),
     ));
     Ok(())
 }
@@ -210,71 +257,173 @@ fn attach(
     metrics: &Metrics,
 ) -> Result<(Option<Arc<Programs>>, Attribution), ServerError> {
     let a = &config.attribution;
-    let loaded = ebpf::cgroup2_mount_root().and_then(|mount_root| {
-        let cgroup_root = a.cgroup_root.clone().unwrap_or_else(|| mount_root.clone());
-        let programs = Programs::load_and_attach(&AttachConfig {
-            cgroup_root: cgroup_root.clone(),
-            targets,
-            connect_rate: a.pod_connect.per_second,
-            connect_burst: a.pod_connect.burst,
-        })?;
-        tracing::info!(cgroup_root = %cgroup_root.display(), "eBPF attribution attached");
-        Ok((programs, mount_root))
-    });
-    match loaded {
-        Ok((programs, mount_root)) => {
+    let policy = Policy {
+        binding: a.token_binding,
+        node_name: a.node_name.clone(),
+        pod_request: a.pod_request,
+        pod_max_connections: a.pod_max_connections,
+    };
+    let refused = metrics.pod_connections_refused.clone();
+    match attach_programs(config, targets) {
+        Ok((programs, resolver)) => {
             metrics.ebpf_attached.set(1);
-            let attribution = Attribution::new(
-                Some(programs.callers()),
-                Some(Arc::new(CgroupResolver::new(mount_root))),
-                a.token_binding,
-                a.node_name.clone(),
-                a.pod_request,
-            );
+            metrics
+                .ebpf_connect_limiter
+                .set(i64::from(programs.connect_limiter()));
+            let attribution =
+                Attribution::new(Some(programs.callers()), Some(resolver), policy, refused);
             Ok((Some(Arc::new(programs)), attribution))
         }
         Err(e) if a.token_binding == TokenBinding::Enforce => Err(ServerError::EbpfRequired(e)),
         Err(e) => {
             metrics.ebpf_attached.set(0);
             tracing::warn!(error = %crate::error_chain(&e), "eBPF attribution unavailable: serving without it (binding: unattributed)");
-            let attribution = Attribution::new(
-                None,
-                None,
-                a.token_binding,
-                a.node_name.clone(),
-                a.pod_request,
-            );
-            Ok((None, attribution))
+            // Without the kernel every caller is unplaced: per-pod limits would throttle the
+            // whole node as one pod.
+            if a.pod_request.per_second > 0 || a.pod_max_connections > 0 {
+                tracing::warn!("per-pod request and connection limits need the eBPF programs: off");
+            }
+            let policy = Policy {
+                pod_request: RateLimit {
+                    per_second: 0,
+                    burst: 0,
+                },
+                pod_max_connections: 0,
+                ..policy
+            };
+            Ok((None, Attribution::new(None, None, policy, refused)))
         }
     }
 }
 
-/// Adds the kernel's per-cgroup refusal counts to `pod_identity_connections_denied_total`,
-/// labelled with the pod's namespace where a request from it has shown it (else `unknown`).
-fn kernel_counters_sync(
-    programs: Arc<Programs>,
+/// The programs attached at `--cgroup-root`, and the resolver of the cgroups below it.
+fn attach_programs(
+    config: &ServerConfig,
+    targets: Vec<SocketAddr>,
+) -> Result<(Programs, Arc<CgroupResolver>), AttachError> {
+    let a = &config.attribution;
+    let mount_root = ebpf::cgroup2_mount_root()?;
+    let cgroup_root = a.cgroup_root.clone().unwrap_or_else(|| mount_root.clone());
+    // Cgroup paths are relative to the mount; pods are recognised only at the attach point.
+    let scope = cgroup::path_under_mount(&mount_root, &cgroup_root).ok_or_else(|| {
+        AttachError::OutsideMount {
+            cgroup_root: cgroup_root.clone(),
+            mount_root: mount_root.clone(),
+        }
+    })?;
+    let layout = KubeletLayout::new(&scope, a.kubelet_cgroup_root.as_deref());
+    let pod_parents = cgroup::pod_parent_dirs(&layout, &mount_root);
+    let programs = Programs::load_and_attach(&AttachConfig {
+        cgroup_root: cgroup_root.clone(),
+        targets,
+        connect_rate: a.pod_connect.per_second,
+        connect_burst: a.pod_connect.burst,
+        pod_parents: pod_parents.clone(),
+        // The kernel's cap also keeps one pod from filling the record maps: never below its
+        // default; the agent holds each pod to `--pod-max-connections` (see `Attribution::admit`).
+        max_open_per_pod: ebpf::DEFAULT_MAX_OPEN_PER_POD.max(a.pod_max_connections),
+    })?;
+    tracing::info!(cgroup_root = %cgroup_root.display(), pod_parents = pod_parents.len(), "eBPF attribution attached");
+    let resolver = Arc::new(CgroupResolver::new(mount_root, scope, layout));
+    Ok((programs, resolver))
+}
+
+/// Off the request path, every [`BACKGROUND_EVERY`] until shutdown: adds the kernel's
+/// per-cgroup refusal counts to `pod_identity_connections_denied_total` (labelled with the pod's
+/// namespace where a request from it has shown it, else `unknown`), keeps the kernel's pod parents
+/// and per-pod state current, and forgets idle pods' request allowances. Map reads and cgroup
+/// resolution are blocking: on the blocking pool.
+async fn background(
+    programs: Option<Arc<Programs>>,
     attribution: Arc<Attribution>,
     namespaces: Arc<NamespaceLabels>,
     metrics: Metrics,
-) -> OnScrape {
-    let seen = Mutex::new(std::collections::HashMap::<u64, u64>::new());
-    Arc::new(move || {
-        let Ok(counters) = programs.connect_counters() else {
-            return;
-        };
-        let Ok(mut seen) = seen.lock() else {
-            return;
-        };
-        for (cgroup_id, c) in counters {
-            let before = seen.insert(cgroup_id, c.denied).unwrap_or(0);
-            if c.denied > before {
-                let namespace = attribution.namespace_of_cgroup(cgroup_id);
-                let label = namespaces.label(namespace.as_deref().unwrap_or("unknown"));
-                metrics
-                    .connections_denied
-                    .with_label_values(&[&label])
-                    .inc_by(c.denied - before);
-            }
+    shutdown: CancellationToken,
+) {
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(BACKGROUND_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
         }
-    })
+        let (programs, attribution, namespaces, metrics) = (
+            programs.clone(),
+            attribution.clone(),
+            namespaces.clone(),
+            metrics.clone(),
+        );
+        let before = std::mem::take(&mut seen);
+        let work = tokio::task::spawn_blocking(move || {
+            attribution.prune();
+            match &programs {
+                Some(programs) => {
+                    // Counted first: pruning drops the counters of pods that are gone.
+                    let after = count_denied(programs, &attribution, &namespaces, &metrics, before);
+                    maintain_kernel_state(programs, &attribution);
+                    after
+                }
+                None => before,
+            }
+        });
+        match work.await {
+            Ok(after) => seen = after,
+            Err(e) => tracing::warn!(error = %e, "refreshing the kernel counters failed"),
+        }
+    }
+}
+
+/// Gives the programs pod parents that appeared since the start, and drops their per-pod state
+/// of cgroups that are gone. Blocking: map walks and `stat`s.
+fn maintain_kernel_state(programs: &Programs, attribution: &Attribution) {
+    if let Err(e) = programs.refresh_pod_parents() {
+        tracing::warn!(error = %crate::error_chain(&e), "refreshing the eBPF pod parents");
+    }
+    match programs.prune_connect_state(|id| attribution.cgroup_exists(id)) {
+        Ok(pruned) if pruned != ebpf::Pruned::default() => {
+            tracing::debug!(
+                buckets = pruned.buckets,
+                open_counters = pruned.open_counters,
+                orphan_records = pruned.orphan_records,
+                "pruned the kernel's per-pod state"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "pruning the kernel's per-pod state")
+        }
+    }
+}
+
+/// Adds what each cgroup was refused since `before` (cgroup id → refusals already counted);
+/// returns the new counts, of the cgroups the kernel still has.
+fn count_denied(
+    programs: &Programs,
+    attribution: &Attribution,
+    namespaces: &NamespaceLabels,
+    metrics: &Metrics,
+    before: HashMap<u64, u64>,
+) -> HashMap<u64, u64> {
+    let counters = match programs.connect_counters() {
+        Ok(counters) => counters,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "reading the kernel's connect counters");
+            return before;
+        }
+    };
+    let mut after = HashMap::with_capacity(counters.len());
+    for (cgroup_id, c) in counters {
+        let counted = before.get(&cgroup_id).copied().unwrap_or(0);
+        if c.denied > counted {
+            let namespace = attribution.namespace_of_cgroup(cgroup_id);
+            let label = namespaces.label(namespace.as_deref().unwrap_or("unknown"));
+            metrics
+                .connections_denied
+                .with_label_values(&[&label])
+                .inc_by(c.denied - counted);
+        }
+        after.insert(cgroup_id, c.denied);
+    }
+    after
 }

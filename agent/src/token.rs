@@ -109,10 +109,20 @@ impl Claims {
 
     /// Checks the time claims at `now` (Unix seconds) and the audience.
     pub fn check(&self, now: i64) -> Result<(), TokenError> {
-        if self.exp + LEEWAY_SECS <= now {
+        // The claims are the client's: `exp` and `nbf` may be anywhere in i64. Past its ends, the
+        // bound with the leeway cannot be reached by `now`.
+        if self
+            .exp
+            .checked_add(LEEWAY_SECS)
+            .is_some_and(|end| end <= now)
+        {
             return Err(TokenError::Expired);
         }
-        if self.nbf.is_some_and(|nbf| nbf - LEEWAY_SECS > now) {
+        if self
+            .nbf
+            .and_then(|nbf| nbf.checked_sub(LEEWAY_SECS))
+            .is_some_and(|start| start > now)
+        {
             return Err(TokenError::NotYetValid);
         }
         if !self.aud.contains(AUDIENCE) {
@@ -211,6 +221,27 @@ mod tests {
         assert_eq!(c.check(now + 86400 + LEEWAY_SECS), Err(TokenError::Expired));
         assert_eq!(c.check(now - LEEWAY_SECS), Ok(()));
         assert_eq!(c.check(now - LEEWAY_SECS - 1), Err(TokenError::NotYetValid));
+    }
+
+    #[test]
+    fn time_claims_at_the_ends_of_the_range_do_not_overflow() {
+        // Found by the `token` fuzz target: `exp + leeway` overflowed (a panic in debug builds, a
+        // token far in the future refused as expired in release builds).
+        let mut v = claims(0);
+        v["exp"] = json!(i64::MAX);
+        v["nbf"] = json!(i64::MIN);
+        let c = Claims::parse(&unsigned_token(&v)).unwrap();
+        for now in [i64::MIN, 0, i64::MAX] {
+            assert_eq!(c.check(now), Ok(()), "at {now}");
+        }
+        v["exp"] = json!(i64::MIN);
+        v["nbf"] = json!(i64::MAX);
+        let c = Claims::parse(&unsigned_token(&v)).unwrap();
+        assert_eq!(c.check(0), Err(TokenError::Expired));
+        v["exp"] = json!(i64::MAX);
+        let c = Claims::parse(&unsigned_token(&v)).unwrap();
+        assert_eq!(c.check(0), Err(TokenError::NotYetValid));
+        assert_eq!(c.check(i64::MAX), Ok(()), "not before MAX - leeway");
     }
 
     #[test]

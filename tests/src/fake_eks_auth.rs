@@ -10,7 +10,9 @@
 //! the fake can tell its own tokens from forged ones, like the real service does with the cluster's key.
 //!
 //! Tests steer it at any time: associations, faults (errors, hangs, garbage), an artificial delay, the
-//! credential lifetime; and observe it: call counts (total and per token `jti`), requests, issued keys.
+//! credential lifetime, a rate limit (a token bucket answering `ThrottlingException` past it, as the real
+//! service throttles); and observe it: call counts (total, throttled, and per token `jti`), requests, issued
+//! keys.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -327,9 +329,36 @@ pub struct IssuedCredentials {
     pub role_arn: String,
 }
 
+/// EKS Auth's throttling: a token bucket of `burst` calls refilled at `per_second`.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl RateLimit {
+    /// Takes one call's token, if there is one.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     associations: HashMap<(String, String), Association>,
+    rate_limit: Option<RateLimit>,
+    throttled: u64,
     fault: Option<(Fault, FaultTimes)>,
     delay: Duration,
     credential_lifetime: Duration,
@@ -411,6 +440,8 @@ impl FakeEksAuth {
             ),
             state: Mutex::new(State {
                 associations: HashMap::new(),
+                rate_limit: None,
+                throttled: 0,
                 fault: None,
                 delay: Duration::ZERO,
                 credential_lifetime: Duration::from_secs(6 * 3600),
@@ -542,6 +573,24 @@ impl FakeEksAuth {
         self.shared.state().delay = delay;
     }
 
+    /// Throttles like the real service: past `per_second` calls per second (a token bucket holding `burst`,
+    /// full now), every call is answered 429 `ThrottlingException` at once (before any delay or fault).
+    /// `None` removes the limit.
+    pub fn set_rate_limit(&self, limit: Option<(f64, f64)>) {
+        self.shared.state().rate_limit = limit.map(|(per_second, burst)| RateLimit {
+            per_second,
+            burst,
+            tokens: burst,
+            at: std::time::Instant::now(),
+        });
+    }
+
+    /// Calls answered `ThrottlingException` by the rate limit (injected faults not counted).
+    #[must_use]
+    pub fn throttled(&self) -> u64 {
+        self.shared.state().throttled
+    }
+
     /// Sets the lifetime of credentials handed out from now on (default 6 h).
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
         self.shared.state().credential_lifetime = lifetime;
@@ -638,15 +687,23 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<HttpRespo
         jti: jti.clone(),
     };
 
-    let (delay, fault) = {
+    let (delay, fault, throttled) = {
         let mut state = shared.state();
         state.calls += 1;
         if let Some(jti) = &jti {
             *state.calls_by_jti.entry(jti.clone()).or_default() += 1;
         }
         state.requests.push(recorded.clone());
-        (state.delay, take_fault(&mut state))
+        let throttled = state.rate_limit.as_mut().is_some_and(|l| !l.take());
+        if throttled {
+            state.throttled += 1;
+        }
+        (state.delay, take_fault(&mut state), throttled)
     };
+    // The real service throttles at its front door, before any work.
+    if throttled {
+        return Ok(error(ApiError::Throttling, "Rate exceeded"));
+    }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

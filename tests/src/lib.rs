@@ -5,7 +5,9 @@
 //! - [`cgroup`]: the cgroup2 mount, kubelet-shaped pod cgroup paths, per-node test roots;
 //! - [`node`]: [`node::SimNode`] (a node namespace) and [`node::Pod`]s joined to it, run commands as a pod;
 //! - [`fake_eks_auth`]: EKS Auth's wire format, the token issuer, fault injection, call observation;
+//! - [`fake_kube_api`]: a stand-in Kubernetes API (nodes and Events, real JSON, bearer token, faults);
 //! - [`clients`]: the real SDK clients run as a pod, and raw HTTP for inputs no SDK would send;
+//! - [`burst`]: many pods' first credential requests at once, each with botocore's own retry policy;
 //! - [`agent`]: the agent binary run inside a node, its probes, metrics and logs; and
 //!   [`agent::node_with_web_pods`], the node + fake EKS Auth + pods most tests open with.
 //!
@@ -13,9 +15,11 @@
 //! or the kernel features skips them; under `CI=true` the same situation fails the test.
 
 pub mod agent;
+pub mod burst;
 pub mod cgroup;
 pub mod clients;
 pub mod fake_eks_auth;
+pub mod fake_kube_api;
 pub mod netns;
 pub mod node;
 

@@ -25,7 +25,7 @@ fn all_records(audit: &std::path::Path) -> Vec<Value> {
             }
         })
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     files
         .iter()
         .flat_map(|(_, p)| read_audit_log(p).unwrap())

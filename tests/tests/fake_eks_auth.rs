@@ -380,3 +380,31 @@ fn requests_without_an_eks_auth_signature_are_refused() {
     );
     assert_eq!(throttled.json().unwrap()["__type"], "ThrottlingException");
 }
+
+#[tokio::test]
+async fn the_rate_limit_throttles_past_its_bucket_as_the_real_service_does() {
+    let fake = fake();
+    fake.associate("shop", "web-sa", "web-role");
+    let token = pod_token(&fake, TokenSpec::new("shop", "web-sa"));
+    let client = client(&fake);
+    // A bucket of 5, refilled at 2/s: 5 calls at once pass, the next ones are throttled.
+    fake.set_rate_limit(Some((2.0, 5.0)));
+    let mut throttled = 0;
+    for _ in 0..8 {
+        match call(&client, CLUSTER, &token).await {
+            Ok(_) => {}
+            Err(E::ThrottlingException(_)) => throttled += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(throttled, 3);
+    assert_eq!(fake.throttled(), 3);
+    assert_eq!(fake.calls(), 8);
+    // It refills.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(call(&client, CLUSTER, &token).await.is_ok());
+    fake.set_rate_limit(None);
+    for _ in 0..10 {
+        assert!(call(&client, CLUSTER, &token).await.is_ok());
+    }
+}

@@ -266,10 +266,16 @@ fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
     );
 }
 
-/// `unshare` + `sh` + `chroot` in front of the image's argv: in a private mount namespace, the mounts
-/// a privileged DaemonSet container has, then `chroot` into the image. The mounts go with the
-/// namespace when the agent exits; the mount points are created in the working container only.
-fn container_wrapper(rootfs: &ImageRootfs, audit_dir: &Path) -> Vec<OsString> {
+/// `sh` + `unshare` + `sh` + `chroot` in front of the image's argv, as a DaemonSet container runs:
+/// in a cgroup of its own (`<node root>/agent-container`) and a private cgroup namespace rooted
+/// there, as containerd starts containers on cgroup v2, and in a private mount namespace with the
+/// mounts the chart gives the container (proc, sys, the node's cgroup2 hierarchy read-only at
+/// /sys/fs/cgroup — which the agent then sees through its namespace as `/..`-rooted — and the
+/// audit directory), then `chroot` into the image. The mounts go with the namespace when the agent
+/// exits; the mount points are created in the working container only.
+fn container_wrapper(rootfs: &ImageRootfs, node: &SimNode, audit_dir: &Path) -> Vec<OsString> {
+    const ENTER: &str = r#"echo $$ > "$0" &&
+exec unshare --cgroup --mount --propagation private -- sh -c "$@""#;
     const SCRIPT: &str = r#"root="$0" cgroup2="$1" audit="$2"; shift 2
 mount -t proc proc "$root/proc" &&
 mount -t sysfs sysfs "$root/sys" &&
@@ -280,15 +286,14 @@ exec chroot "$root" "$@""#;
     for dir in ["proc", "sys", AUDIT_DIR] {
         std::fs::create_dir_all(rootfs.root.join(dir)).unwrap();
     }
+    let container_cgroup = node.cgroup_root().join("agent-container");
+    std::fs::create_dir_all(&container_cgroup).unwrap();
     let cgroup2 = e2e::cgroup::cgroup2_mount().unwrap();
     vec![
-        "unshare".into(),
-        "--mount".into(),
-        "--propagation".into(),
-        "private".into(),
-        "--".into(),
         "sh".into(),
         "-c".into(),
+        ENTER.into(),
+        container_cgroup.join("cgroup.procs").into_os_string(),
         SCRIPT.into(),
         rootfs.root.clone().into_os_string(),
         cgroup2.into_os_string(),
@@ -348,7 +353,7 @@ fn start_from_image(
         .map(str::to_owned)
         .collect();
     let args = AgentArgs {
-        wrapper: container_wrapper(rootfs, &audit_dir),
+        wrapper: container_wrapper(rootfs, node, &audit_dir),
         verbatim: Some(chart_argv(node, fake.cluster(), endpoint, extra)),
         env,
         env_remove,
@@ -390,6 +395,27 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
         String::from_utf8_lossy(&cmdline)
     );
     assert_eq!(agent.metric("pod_identity_ebpf_attached").unwrap(), 1.0);
+    // As in a DaemonSet container: a private cgroup namespace, in which the node's hierarchy
+    // mounted at /sys/fs/cgroup shows a root above the namespace's (`/..`) — and is attached at.
+    // (mountinfo renders a cgroup2 root relative to the READER's cgroup namespace: read it from
+    // inside the agent's namespaces.)
+    let seen = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "--cgroup", "--mount", "cat", "/proc/self/mountinfo"])
+        .output()
+        .unwrap();
+    let mountinfo = String::from_utf8(seen.stdout).unwrap();
+    let cgroup2 = mountinfo
+        .lines()
+        .find(|l| {
+            l.contains(" - cgroup2 ")
+                && l.split(' ').nth(4)
+                    == Some(&*rootfs.root.join("sys/fs/cgroup").to_string_lossy())
+        })
+        .unwrap_or_else(|| panic!("no cgroup2 mount at /sys/fs/cgroup:\n{mountinfo}"));
+    assert!(
+        cgroup2.split(' ').nth(3).is_some_and(|root| root.starts_with("/..")),
+        "{cgroup2}"
+    );
 
     pod.refresh_token(&fake).unwrap();
     let creds = pod

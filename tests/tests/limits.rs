@@ -125,11 +125,14 @@ fn a_connect_flood_is_refused_in_the_kernel_while_a_neighbour_is_served() {
     );
     assert!(long.failed_with(EPERM) >= 100, "{}", long.attempts.len());
 
+    // The agent reads the kernel's counters every few seconds, off the scrape.
     let refused = burst.failed_with(EPERM) + long.failed_with(EPERM);
+    let denied = "pod_identity_connections_denied_total{namespace=\"noisy\"}";
+    e2e::wait_for(Duration::from_secs(15), || {
+        agent.metric(denied).unwrap() >= refused as f64
+    });
     assert_eq!(
-        agent
-            .metric("pod_identity_connections_denied_total{namespace=\"noisy\"}")
-            .unwrap(),
+        agent.metric(denied).unwrap(),
         refused as f64,
         "every refusal is counted, under the pod's namespace:\n{}",
         agent.metrics().unwrap()

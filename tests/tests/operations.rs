@@ -255,7 +255,8 @@ fn no_secret_appears_in_the_logs_even_at_trace() {
         pod.fetch_with_rust_sdk(uri).unwrap().unwrap();
         pod.fetch_with_botocore(uri).unwrap().unwrap();
     }
-    let renewing = tokens[0].clone();
+    // The pod's newest verified token: older ones stop renewing once a newer one is verified.
+    let renewing = tokens[1].clone();
     fake.set_fault(Fault::Error(ApiError::InvalidToken), FaultTimes::Next(1));
     tokens.push(pod.refresh_token(&fake).unwrap());
     assert_eq!(

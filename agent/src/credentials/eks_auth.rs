@@ -2,9 +2,10 @@
 //!
 //! The agent's own AWS credentials and region come from `aws-config`'s default chain. Timeouts
 //! and retries are short, so that a pod's SDK (1–2 s client timeouts) gets an answer, even an
-//! error, before it gives up.
+//! error, before it gives up. Throttled calls are not retried here: the admission path
+//! ([`super::admission`]) paces and retries them.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::BehaviorVersion;
 use aws_config::identity::IdentityCache;
@@ -12,6 +13,8 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_credential_types::provider::{self, ProvideCredentials};
 use aws_sdk_eksauth::config::http::HttpResponse;
+use aws_sdk_eksauth::config::interceptors::InterceptorContext;
+use aws_sdk_eksauth::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_eksauth::error::{ProvideErrorMetadata as _, SdkError};
 use aws_sdk_eksauth::operation::assume_role_for_pod_identity::{
     AssumeRoleForPodIdentityError, AssumeRoleForPodIdentityOutput,
@@ -42,6 +45,16 @@ impl EksAuth {
         cluster_name: String,
         cfg: &UpstreamConfig,
     ) -> Result<Self, EksAuthSetupError> {
+        let sdk_config = Self::loader(cfg).load().await;
+        if sdk_config.region().is_none() {
+            return Err(EksAuthSetupError::NoRegion);
+        }
+        Ok(Self::from_sdk_config(&sdk_config, cluster_name))
+    }
+
+    /// `aws-config`'s default chain with the agent's timeouts, retries, endpoint and credentials
+    /// choice: what [`Self::new`] loads (tests add a region and credentials of their own).
+    pub fn loader(cfg: &UpstreamConfig) -> aws_config::ConfigLoader {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(cfg.connect_timeout)
             .operation_attempt_timeout(cfg.attempt_timeout)
@@ -63,14 +76,28 @@ impl EksAuth {
                 .credentials_provider(RereadSharedCredentials)
                 .identity_cache(IdentityCache::no_cache());
         }
-        let sdk_config = loader.load().await;
-        if sdk_config.region().is_none() {
-            return Err(EksAuthSetupError::NoRegion);
-        }
-        Ok(EksAuth {
-            client: aws_sdk_eksauth::Client::new(&sdk_config),
+        loader
+    }
+
+    /// The client on a loaded configuration. Throttled calls are not retried by the SDK: the
+    /// admission path paces and retries them.
+    pub fn from_sdk_config(sdk_config: &aws_config::SdkConfig, cluster_name: String) -> Self {
+        let client_config = aws_sdk_eksauth::config::Builder::from(sdk_config)
+            .retry_classifier(NoRetryOnThrottling)
+            .build();
+        EksAuth {
+            client: aws_sdk_eksauth::Client::from_conf(client_config),
             cluster_name,
-        })
+        }
+    }
+
+    /// A client configured elsewhere: the fuzz targets give it a stand-in HTTP client.
+    #[doc(hidden)]
+    pub fn from_client(client: aws_sdk_eksauth::Client, cluster_name: String) -> Self {
+        EksAuth {
+            client,
+            cluster_name,
+        }
     }
 }
 
@@ -85,6 +112,31 @@ impl Retriever for EksAuth {
             .await
             .map_err(upstream_error)?;
         issued_from(&output)
+    }
+}
+
+/// Forbids the SDK's own retry of a throttled call: within one agent call it would send more
+/// calls to a service that asked for fewer. The admission path retries them at its pace.
+#[derive(Debug)]
+struct NoRetryOnThrottling;
+
+impl ClassifyRetry for NoRetryOnThrottling {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let status_429 = ctx.response().is_some_and(|r| r.status().as_u16() == 429);
+        let throttling_code = matches!(ctx.output_or_error(), Some(Err(e)) if e
+            .as_operation_error()
+            .and_then(|e| e.downcast_ref::<AssumeRoleForPodIdentityError>())
+            .and_then(|e| e.code())
+            .is_some_and(super::upstream_error::is_throttling_code));
+        if status_429 || throttling_code {
+            RetryAction::RetryForbidden
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "NoRetryOnThrottling"
     }
 }
 
@@ -125,6 +177,9 @@ fn upstream_error(err: SdkError<AssumeRoleForPodIdentityError, HttpResponse>) ->
     }
 }
 
+/// The last instant RFC 3339 writes, 9999-12-31T23:59:59Z.
+const LATEST_EXPIRATION: Duration = Duration::from_secs(253_402_300_799);
+
 /// The answer, checked: all members present, expiration representable.
 fn issued_from(out: &AssumeRoleForPodIdentityOutput) -> Result<Issued, UpstreamError> {
     let missing = |what: &str| {
@@ -138,8 +193,22 @@ fn issued_from(out: &AssumeRoleForPodIdentityOutput) -> Result<Issued, UpstreamE
     let user = out
         .assumed_role_user()
         .ok_or_else(|| missing("assumedRoleUser"))?;
+    // The SDK reads a member missing from the answer as empty, a missing time as the epoch:
+    // refused, rather than handing pods credentials that cannot work. The expiration must also
+    // be one RFC 3339 can write (the pods' SDKs read it so).
+    if creds.access_key_id().is_empty()
+        || creds.secret_access_key().is_empty()
+        || creds.session_token().is_empty()
+    {
+        return Err(missing("credentials keys"));
+    }
     let expiration = SystemTime::try_from(*creds.expiration())
-        .map_err(|_| missing("usable credentials.expiration"))?;
+        .ok()
+        .filter(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .is_ok_and(|d| !d.is_zero() && d <= LATEST_EXPIRATION)
+        })
+        .ok_or_else(|| missing("usable credentials.expiration"))?;
     let subject = out.subject();
     let association = out.pod_identity_association();
     Ok(Issued::new(
@@ -215,6 +284,52 @@ impl ProvideCredentials for RereadSharedCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer whose credentials have this access key id and expiration (epoch seconds).
+    fn answer(access_key_id: &str, expiration: f64) -> AssumeRoleForPodIdentityOutput {
+        use aws_sdk_eksauth::types::{AssumedRoleUser, Credentials as SdkCredentials};
+        let credentials = SdkCredentials::builder()
+            .access_key_id(access_key_id)
+            .secret_access_key("secret")
+            .session_token("session")
+            .expiration(aws_smithy_types::DateTime::from_secs_f64(expiration))
+            .build()
+            .unwrap();
+        let user = AssumedRoleUser::builder()
+            .arn("arn:aws:sts::111122223333:assumed-role/cart-role/s")
+            .assume_role_id("AROA:s")
+            .build()
+            .unwrap();
+        AssumeRoleForPodIdentityOutput::builder()
+            .audience("pods.eks.amazonaws.com")
+            .credentials(credentials)
+            .assumed_role_user(user)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn answers_the_body_cannot_carry_are_bad_responses() {
+        // Found by the `upstream_reply` fuzz target: an expiration before 1970 or after 9999
+        // panicked rendering the body; and the SDK reads missing keys as empty and a missing
+        // expiration as the epoch, which were served as credentials.
+        let ok = issued_from(&answer("ASIA1", 1_795_629_600.0)).unwrap();
+        assert_eq!(ok.credentials.access_key_id, "ASIA1");
+        for (key, expiration) in [
+            ("ASIA1", -1.0),
+            ("ASIA1", 0.0),
+            ("ASIA1", 1e15),
+            ("", 1_795_629_600.0),
+        ] {
+            let e = issued_from(&answer(key, expiration)).unwrap_err();
+            assert_eq!(
+                (e.status, e.code.as_str()),
+                (502, "BadResponse"),
+                "{key:?} {expiration}"
+            );
+        }
+        assert!(issued_from(&answer("ASIA1", 253_402_300_799.0)).is_ok());
+    }
 
     #[test]
     fn arns() {

@@ -1,6 +1,8 @@
 //! Credentials: what EKS Auth hands out, the [`Retriever`] seam, the EKS Auth client behind it
-//! ([`eks_auth`]) and the cache that wraps it ([`cache`]).
+//! ([`eks_auth`]), the cache that wraps it ([`cache`]) and the admission path that paces the
+//! cache's calls to what EKS Auth accepts ([`admission`]).
 
+pub mod admission;
 pub mod cache;
 pub mod eks_auth;
 pub mod upstream_error;

@@ -33,6 +33,11 @@ impl UpstreamError {
     pub fn class(&self) -> ErrorClass {
         classify(&self.code)
     }
+
+    /// EKS Auth said "too fast": a signal for the pace of calls, not about the token.
+    pub fn is_throttling(&self) -> bool {
+        self.status == 429 || is_throttling_code(&self.code)
+    }
 }
 
 /// `(Code): message`, the plain-text body the agent answers with.
@@ -43,6 +48,11 @@ impl fmt::Display for UpstreamError {
 }
 
 impl std::error::Error for UpstreamError {}
+
+/// `ThrottlingException` (or `Throttling`).
+pub fn is_throttling_code(code: &str) -> bool {
+    code.strip_suffix("Exception").unwrap_or(code) == "Throttling"
+}
 
 /// The codes EKS Auth documents as permanent for a token; everything else is transient.
 pub fn classify(code: &str) -> ErrorClass {
@@ -80,6 +90,13 @@ mod tests {
         ] {
             assert_eq!(classify(code), ErrorClass::Transient, "{code}");
         }
+    }
+
+    #[test]
+    fn throttling_is_recognised() {
+        assert!(UpstreamError::new(429, "ThrottlingException", "slow down").is_throttling());
+        assert!(UpstreamError::new(400, "Throttling", "slow down").is_throttling());
+        assert!(!UpstreamError::new(503, "ServiceUnavailableException", "x").is_throttling());
     }
 
     #[test]

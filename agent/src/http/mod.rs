@@ -1,9 +1,10 @@
 //! The credential endpoint, `GET /v1/credentials`, step by step.
 //!
-//! The order matters: cheap refusals first (route, `Host`, the node-wide limit), then the token
-//! (its claims come from the cache entry on a hit, so the hot path parses nothing), then the
-//! caller's binding and per-pod limit, and only then credentials — from the cache, or from one
-//! upstream call shared with concurrent requests for the same token.
+//! The order matters: cheap refusals first (route, `Host`), then the caller's per-pod limit
+//! *before* the node-wide one (a flooding pod spends its own allowance, and what is left of the
+//! node's stays for its neighbours), then the token (its claims come from the cache entry on a
+//! hit, so the hot path parses nothing), then the caller's binding, and only then credentials —
+//! from the cache, or from one upstream call shared with concurrent requests for the same token.
 
 pub mod error;
 
@@ -16,17 +17,22 @@ use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
 
 use crate::attribution::{Attribution, Binding, Caller};
-use crate::audit::{self, AuditLog, AuditRecord, CallerRecord, TokenRecord};
+use crate::audit::{self, AuditLog, AuditRecord, CallerRecord, ServedCredentials, TokenRecord};
 use crate::clock::Clock;
 use crate::config::RateLimit;
-use crate::credentials::cache::{CredentialCache, Lookup, Served};
-use crate::credentials::{ErrorClass, Issued, Retriever, UpstreamError};
+use crate::credentials::cache::{CredentialCache, FetchError, Lookup, Served};
+use crate::credentials::{Issued, Retriever};
+use crate::kubernetes::events::{self, EventRecorder};
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::token::{Claims, TokenError};
+use error::RefusalLog;
 pub use error::RequestError;
 
 /// The path every SDK's container provider is given.
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+
+/// At most one log line per kind of refusal this often (with a count of the lines left out).
+const REFUSAL_LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What one request found out along the way, for metrics and the audit record.
 #[derive(Default)]
@@ -47,6 +53,9 @@ pub struct Endpoint<R> {
     metrics: Metrics,
     namespaces: Arc<NamespaceLabels>,
     clock: Clock,
+    refusals: RefusalLog,
+    /// Events on the pods whose requests are refused or fail (`--pod-events`).
+    events: Option<EventRecorder>,
 }
 
 impl<R: Retriever> Endpoint<R> {
@@ -75,7 +84,16 @@ impl<R: Retriever> Endpoint<R> {
             metrics,
             namespaces,
             clock,
+            refusals: RefusalLog::new(REFUSAL_LOG_PERIOD),
+            events: None,
         }
+    }
+
+    /// Reports refused and failed requests to `events` (queued, never waited for).
+    #[must_use]
+    pub fn with_events(mut self, events: Option<EventRecorder>) -> Self {
+        self.events = events;
+        self
     }
 
     /// Answers one request from `caller`, and counts and audits it.
@@ -93,11 +111,11 @@ impl<R: Retriever> Endpoint<R> {
         self.metrics.http_response.with_label_values(&[code]).inc();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         if req.uri().path() == CREDENTIALS_PATH {
+            // Only what EKS Auth verified: a token's claims would let anyone fill the label set.
             let namespace = exchange
-                .claims
+                .issued
                 .as_deref()
-                .and_then(Claims::namespace)
-                .unwrap_or("");
+                .map_or("", |issued| issued.association.namespace.as_str());
             self.metrics
                 .requests_by_namespace
                 .with_label_values(&[&self.namespaces.label(namespace), code])
@@ -108,15 +126,21 @@ impl<R: Retriever> Endpoint<R> {
                     .with_label_values(&[binding.as_str()])
                     .inc();
             }
-            match &result {
-                // Limits refuse in bursts: one line each would flood the log when it matters least.
-                Err(e @ (RequestError::Throttled | RequestError::PodThrottled { .. })) => {
-                    tracing::debug!(peer = %caller.peer, status, reason = %e, "credential request refused");
-                }
-                Err(e) => {
-                    tracing::info!(peer = %caller.peer, status, reason = %e, "credential request refused")
-                }
-                Ok(_) => {}
+            // Refusals come in bursts: one line per kind per period, with what was left out.
+            if let Err(e) = &result
+                && let Some(suppressed) = self.refusals.admit(e.kind())
+            {
+                tracing::info!(peer = %caller.peer, status, reason = %e, suppressed, "credential request refused");
+            }
+            if let Some(recorder) = &self.events
+                && let Some(observation) = events::observation(
+                    result.as_ref().map(drop),
+                    exchange.binding.as_ref(),
+                    exchange.claims.as_deref(),
+                    caller,
+                )
+            {
+                recorder.record(observation);
             }
             if let Some(audit) = &self.audit {
                 audit.record(self.audit_record(&result, status, elapsed, caller, exchange));
@@ -139,6 +163,11 @@ impl<R: Retriever> Endpoint<R> {
         }
         if !self.host_allowed(req.headers().get(header::HOST)) {
             return Err(RequestError::ForbiddenHost);
+        }
+        // Keyed by the pod the kernel saw, not by the token: checked before anything is parsed.
+        if let Err(retry_after) = self.attribution.check_pod_rate(caller) {
+            self.metrics.pod_requests_limited.inc();
+            return Err(RequestError::PodThrottled { retry_after });
         }
         if self
             .global_limit
@@ -169,18 +198,18 @@ impl<R: Retriever> Endpoint<R> {
         if let Some(reason) = refusal {
             return Err(RequestError::Binding(reason));
         }
-        if let Err(retry_after) = self.attribution.check_pod_rate(caller, &claims) {
-            self.metrics.pod_requests_limited.inc();
-            return Err(RequestError::PodThrottled { retry_after });
-        }
 
         let served = match cached {
             Some(served) => served,
             None => match self.cache.fetch(token, claims.clone()).await {
                 Ok(served) => served,
-                Err(e) => self
-                    .rotation_fallback(&e, &claims, caller, &binding)
-                    .ok_or(RequestError::Upstream(e))?,
+                Err(e) => match self
+                    .rotation_fallback(token, &e, &claims, caller, &binding)
+                    .await
+                {
+                    Some(served) => served,
+                    None => return Err(e.into()),
+                },
             },
         };
         if let (Some(entry), Some(process)) = (&served.entry, &caller.process) {
@@ -192,31 +221,21 @@ impl<R: Retriever> Endpoint<R> {
     }
 
     /// Token rotation during an EKS Auth outage: when the kernel shows the caller is the pod the
-    /// new token names, and a cached entry verified upstream belongs to that pod and service
-    /// account, serve it rather than fail.
-    fn rotation_fallback(
+    /// new token names, and a cached entry verified upstream belongs to that pod, namespace and
+    /// service account, serve it rather than fail (the cache keeps it under the new token too).
+    async fn rotation_fallback(
         &self,
-        err: &UpstreamError,
-        claims: &Claims,
+        token: &str,
+        err: &FetchError,
+        claims: &Arc<Claims>,
         caller: &Caller,
         binding: &Binding,
     ) -> Option<Served> {
-        if err.class() != ErrorClass::Transient || *binding != Binding::Match {
+        if !err.is_transient() || *binding != Binding::Match {
             return None;
         }
         let pod = caller.pod_uid()?;
-        let entry = self.cache.find(|e| {
-            e.claims.pod_uid() == Some(pod)
-                && e.claims.namespace() == claims.namespace()
-                && e.claims.service_account() == claims.service_account()
-        })?;
-        tracing::warn!(pod_uid = pod, namespace = claims.namespace(), service_account = claims.service_account(),
-            code = %err.code, "EKS Auth failed for a rotated token; serving the pod's cached credentials");
-        Some(Served {
-            issued: entry.issued(),
-            lookup: Lookup::Hit,
-            entry: Some(entry),
-        })
+        self.cache.serve_rotated(token, claims.clone(), pod).await
     }
 
     /// `Host` must name a bind host, with or without port and brackets.
@@ -252,7 +271,7 @@ impl<R: Retriever> Endpoint<R> {
                 peer: caller.peer.to_string(),
                 cgroup_id: caller.process.as_ref().map(|p| p.cgroup_id),
                 cgroup_path: cgroup.map(|c| c.path.clone()),
-                pod_uid: pod.map(|p| p.pod_uid.clone()),
+                pod_uid: pod.map(|p| p.pod_uid.to_string()),
                 container_id: pod.and_then(|p| p.container_id.clone()),
                 pid: caller.process.as_ref().map(|p| p.pid),
                 comm: caller.process.as_ref().map(|p| p.comm.clone()),
@@ -272,6 +291,21 @@ impl<R: Retriever> Endpoint<R> {
             association_id: association
                 .map(|a| a.association_id.clone())
                 .filter(|s| !s.is_empty()),
+            credentials: match (result, &ex.issued, ex.lookup) {
+                (Ok(_), Some(issued), Some(lookup)) => Some(ServedCredentials {
+                    access_key_id: issued.credentials.access_key_id.clone(),
+                    assumed_role_arn: Some(issued.association.assumed_role_arn.clone())
+                        .filter(|s| !s.is_empty()),
+                    expiration: humantime::format_rfc3339_seconds(issued.credentials.expiration)
+                        .to_string(),
+                    source: match lookup {
+                        Lookup::Hit => "cache",
+                        Lookup::Coalesced => "coalesced",
+                        Lookup::Miss => "eks_auth",
+                    },
+                }),
+                _ => None,
+            },
         }
     }
 }

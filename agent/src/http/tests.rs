@@ -9,9 +9,10 @@ use http_body_util::BodyExt as _;
 use serde_json::json;
 
 use super::*;
+use crate::attribution::Policy;
 use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
-use crate::config::{CacheConfig, TokenBinding};
-use crate::credentials::{Association, Credentials};
+use crate::config::{AdmissionConfig, CacheConfig, TokenBinding};
+use crate::credentials::{Association, Credentials, UpstreamError};
 use crate::token::unsigned_token;
 
 const POD: &str = "0b5e3c2a-1111-4222-8333-444455556666";
@@ -37,6 +38,7 @@ impl Retriever for Arc<Upstream> {
                 expiration: SystemTime::now() + Duration::from_secs(6 * 3600),
             },
             Association {
+                namespace: "shop".into(),
                 role_arn: "arn:aws:iam::111122223333:role/cart".into(),
                 association_id: "a-1".into(),
                 ..Association::default()
@@ -61,6 +63,7 @@ fn endpoint(
             renewals_per_second: 3,
             renewal_jitter: Duration::from_secs(300),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            admission: AdmissionConfig::default(),
         },
         Clock::System,
         metrics.clone(),
@@ -79,6 +82,16 @@ fn endpoint(
         Arc::new(NamespaceLabels::new(10)),
         Clock::System,
     )
+}
+
+fn policy(binding: TokenBinding, pod_request: RateLimit) -> Attribution {
+    let refused = prometheus::IntCounter::new("refused", "refused").unwrap();
+    let policy = Policy {
+        binding,
+        pod_request,
+        ..Policy::off()
+    };
+    Attribution::new(None, None, policy, refused)
 }
 
 fn no_limit() -> RateLimit {
@@ -128,7 +141,7 @@ fn pod_caller(pod: &str) -> Caller {
             id: 9,
             path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
             pod: Some(PodCgroup {
-                pod_uid: pod.into(),
+                pod_uid: Arc::from(pod),
                 container_id: Some("x".into()),
                 qos: Qos::Burstable,
             }),
@@ -247,7 +260,6 @@ async fn upstream_errors_keep_their_status_and_code() {
     for (status, code) in [
         (400, "InvalidTokenException"),
         (404, "ResourceNotFoundException"),
-        (429, "ThrottlingException"),
     ] {
         up.script
             .lock()
@@ -257,12 +269,22 @@ async fn upstream_errors_keep_their_status_and_code() {
         let got = fetch(&e, &t, &anonymous()).await;
         assert_eq!(got, (status, format!("({code}): said upstream")));
     }
+    // A throttled call is the agent's to retry, at its pace: the pod is served.
+    let calls = up.calls.load(Ordering::SeqCst);
+    up.script.lock().unwrap().push_back(UpstreamError::new(
+        429,
+        "ThrottlingException",
+        "said upstream",
+    ));
+    let t = token(POD, "cart", "throttled");
+    assert_eq!(fetch(&e, &t, &anonymous()).await.0, 200);
+    assert_eq!(up.calls.load(Ordering::SeqCst), calls + 2);
 }
 
 #[tokio::test]
 async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() {
     let up = Arc::new(Upstream::default());
-    let policy = Attribution::new(None, None, TokenBinding::Enforce, None, no_limit());
+    let policy = policy(TokenBinding::Enforce, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let t = token(POD, "cart", "j1");
     let (status, body) = fetch(&e, &t, &pod_caller("another-pod")).await;
@@ -275,7 +297,7 @@ async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() 
 #[tokio::test]
 async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fails() {
     let up = Arc::new(Upstream::default());
-    let policy = Attribution::new(None, None, TokenBinding::Audit, None, no_limit());
+    let policy = policy(TokenBinding::Audit, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let old = token(POD, "cart", "old");
     let (status, first) = fetch(&e, &old, &pod_caller(POD)).await;
@@ -296,6 +318,38 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
 }
 
 #[tokio::test]
+async fn namespace_labels_come_only_from_what_eks_auth_verified() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), no_limit());
+    let now = Clock::System.unix_now();
+    for i in 0..5 {
+        up.script.lock().unwrap().push_back(UpstreamError::new(
+            400,
+            "InvalidTokenException",
+            "forged",
+        ));
+        let forged = unsigned_token(&json!({
+            "aud": "pods.eks.amazonaws.com", "exp": now + 3600, "iat": now,
+            "kubernetes.io": {"namespace": format!("forged-{i}")}
+        }));
+        assert_eq!(fetch(&e, &forged, &anonymous()).await.0, 400);
+    }
+    assert_eq!(
+        fetch(&e, &token(POD, "cart", "j1"), &anonymous()).await.0,
+        200
+    );
+    let text = String::from_utf8(e.metrics.render()).unwrap();
+    assert!(!text.contains("forged"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pod_identity_requests_total{")
+                && l.contains(r#"namespace="shop""#)
+                && l.contains(r#"code="200""#)),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn the_node_wide_limit_answers_429() {
     let up = Arc::new(Upstream::default());
     let e = endpoint(
@@ -312,6 +366,35 @@ async fn the_node_wide_limit_answers_429() {
         statuses.push(fetch(&e, &t, &anonymous()).await.0);
     }
     assert_eq!(statuses, [200, 200, 429]);
+}
+
+#[tokio::test]
+async fn a_pod_over_its_limit_does_not_spend_the_node_wide_allowance() {
+    let up = Arc::new(Upstream::default());
+    let per_pod = RateLimit {
+        per_second: 1,
+        burst: 2,
+    };
+    let node_wide = RateLimit {
+        per_second: 1,
+        burst: 4,
+    };
+    let e = endpoint(&up, policy(TokenBinding::Audit, per_pod), node_wide);
+    let flooder = token(POD, "cart", "j1");
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        statuses.push(fetch(&e, &flooder, &pod_caller(POD)).await.0);
+    }
+    assert_eq!(statuses[..3], [200, 200, 429]);
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2);
+    // The node-wide bucket lost only the flooder's two: its neighbour is served, twice.
+    let neighbour = "11111111-2222-4333-8444-555555555555";
+    let t = token(neighbour, "cart", "j2");
+    for _ in 0..2 {
+        assert_eq!(fetch(&e, &t, &pod_caller(neighbour)).await.0, 200);
+    }
+    // And the per-pod key is the kernel's pod: a token naming the neighbour changes nothing.
+    assert_eq!(fetch(&e, &t, &pod_caller(POD)).await.0, 429);
 }
 
 #[test]

@@ -5,9 +5,18 @@
 //! fresh agent with its own flags. The node-wide limit (1000 req/s by default, as the original) is
 //! turned off so that the agent's capacity, not the limit, is measured.
 //!
-//! Prints a Markdown table; `--out FILE` also writes it there.
+//! Then the connect path of connections that are NOT to the agent, which every process on a node
+//! pays for once the programs are attached at the cgroup root: a loop inside the pod of TCP
+//! connect/accept/close to a listener on the pod's loopback (connect4, sock_ops and sock_release
+//! all run, and leave at their first compares) and of UDP `connect()`s (connect4 alone), with the
+//! programs attached and with none; rounds alternate so that drift hits both alike.
+//!
+//! Prints Markdown tables; `--out FILE` also writes them there.
 
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
@@ -68,7 +77,24 @@ struct Measured {
     errors: String,
 }
 
+/// Connect-path rounds per mode (attached, not attached), and connects per round.
+const CONNECT_ROUNDS: usize = 3;
+const TCP_CONNECTS: u32 = 20_000;
+const UDP_CONNECTS: u32 = 200_000;
+
+/// The hidden subcommand the bench runs inside the pod for the connect path.
+const CONNECT_LOOP_ARG: &str = "--connect-loop";
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(CONNECT_LOOP_ARG) {
+        return match connect_loop() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("connect loop failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -121,6 +147,15 @@ fn run() -> Result<()> {
         rows.push((scenario.name, measured, upstream_calls));
     }
 
+    eprintln!("== connect path of unrelated connections ({CONNECT_ROUNDS} rounds per mode)");
+    let connect_path = measure_connect_path(&node, &fake, &pod)?;
+    eprintln!("== time inside each program (kernel BPF run-time statistics, one more round)");
+    let per_program = measure_program_run_time(&node, &fake, &pod)?;
+    eprintln!(
+        "== cold bursts: pods' first requests at once, EKS Auth limited to {BURST_EKS_AUTH_RATE}/s"
+    );
+    let bursts = measure_bursts(&node)?;
+
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -140,6 +175,9 @@ fn run() -> Result<()> {
             m.requests_per_sec, m.p50, m.p99, m.non_2xx, m.errors
         ));
     }
+    table.push_str(&connect_path_table(&connect_path));
+    table.push_str(&program_run_time_table(&per_program));
+    table.push_str(&burst_table(&bursts));
     println!("{table}");
     if let Some(out) = out {
         let date = std::process::Command::new("date")
@@ -209,4 +247,411 @@ fn parse_wrk(text: &str) -> Result<Measured> {
         non_2xx,
         errors,
     })
+}
+
+/// Median nanoseconds per operation, with the programs attached and without.
+struct ConnectPath {
+    tcp_on: Vec<u64>,
+    tcp_off: Vec<u64>,
+    udp_on: Vec<u64>,
+    udp_off: Vec<u64>,
+}
+
+/// Runs the connect loop in the pod, alternating an agent with its programs attached at the
+/// node's cgroup root and one without them.
+fn measure_connect_path(
+    node: &SimNode,
+    fake: &e2e::fake_eks_auth::FakeEksAuth,
+    pod: &Pod,
+) -> Result<ConnectPath> {
+    let exe = std::env::current_exe().context("the bench's own path")?;
+    let exe = exe.to_string_lossy().into_owned();
+    let mut path = ConnectPath {
+        tcp_on: Vec::new(),
+        tcp_off: Vec::new(),
+        udp_on: Vec::new(),
+        udp_off: Vec::new(),
+    };
+    for round in 0..CONNECT_ROUNDS * 2 {
+        let attached = round % 2 == 0;
+        let args = AgentArgs {
+            cgroup_root: attached,
+            ..AgentArgs::default()
+        };
+        let args = if attached {
+            args
+        } else {
+            args.args(["--cgroup-root", "/nonexistent", "--token-binding", "off"])
+        };
+        let agent = AgentProcess::start(node, fake, args)?;
+        let out = pod
+            .command(&exe)
+            .arg(CONNECT_LOOP_ARG)
+            .output()
+            .context("running the connect loop in the pod")?;
+        agent.stop()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "connect loop failed: {}{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut numbers = text.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(tcp)), Some(Ok(udp))) = (numbers.next(), numbers.next()) else {
+            bail!("unreadable connect loop output: {text}");
+        };
+        eprintln!(
+            "   {}: TCP {tcp} ns, UDP {udp} ns",
+            if attached { "attached" } else { "not attached" }
+        );
+        if attached {
+            path.tcp_on.push(tcp);
+            path.udp_on.push(udp);
+        } else {
+            path.tcp_off.push(tcp);
+            path.udp_off.push(udp);
+        }
+    }
+    Ok(path)
+}
+
+/// One attached program's average time per run, from the kernel's BPF run-time statistics.
+struct ProgramRunTime {
+    attach_type: &'static str,
+    name: String,
+    runs: u64,
+    ns_per_run: u64,
+}
+
+/// One more round of the connect loop, with the programs attached and the kernel's BPF run-time
+/// statistics on (`BPF_ENABLE_STATS`, for as long as its fd is open; they cost a clock read per
+/// run, which is why the rounds above run without them): time spent inside each program.
+fn measure_program_run_time(
+    node: &SimNode,
+    fake: &e2e::fake_eks_auth::FakeEksAuth,
+    pod: &Pod,
+) -> Result<Vec<ProgramRunTime>> {
+    let exe = std::env::current_exe().context("the bench's own path")?;
+    let agent = AgentProcess::start(node, fake, AgentArgs::default())?;
+    let stats = bpf::enable_run_time_stats()?;
+    let out = pod
+        .command(&exe.to_string_lossy())
+        .arg(CONNECT_LOOP_ARG)
+        .output()
+        .context("running the connect loop in the pod")?;
+    if !out.status.success() {
+        bail!(
+            "connect loop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut programs = Vec::new();
+    for (attach_type, raw) in bpf::ATTACH_TYPES {
+        for id in bpf::attached_program_ids(node.cgroup_root(), raw)? {
+            let (name, run_time_ns, runs) = bpf::run_time(id)?;
+            programs.push(ProgramRunTime {
+                attach_type,
+                name,
+                runs,
+                ns_per_run: run_time_ns.checked_div(runs).unwrap_or(0),
+            });
+        }
+    }
+    drop(stats);
+    agent.stop()?;
+    Ok(programs)
+}
+
+fn program_run_time_table(programs: &[ProgramRunTime]) -> String {
+    let mut table = String::from(
+        "\nTime inside each program over one more round of that loop (kernel BPF run-time \
+         statistics; almost every run is an unrelated socket leaving at the first compares):\n\n\
+         | attach point | program | runs | ns per run |\n|---|---|---:|---:|\n",
+    );
+    for p in programs {
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            p.attach_type, p.name, p.runs, p.ns_per_run
+        ));
+    }
+    table
+}
+
+/// Raw `bpf(2)` calls for the run-time statistics (the bench has no BPF library of its own).
+mod bpf {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::path::Path;
+
+    use anyhow::{Context as _, Result, bail};
+
+    /// `enum bpf_attach_type` values of the agent's programs.
+    pub const ATTACH_TYPES: [(&str, u32); 4] = [
+        ("cgroup/connect4", 10),
+        ("cgroup/connect6", 11),
+        ("sockops", 3),
+        ("cgroup/sock_release", 34),
+    ];
+
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+
+    /// `union bpf_attr`, large enough for every command used here (the kernel wants the rest 0).
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn new() -> Attr {
+            Attr([0; 128])
+        }
+        fn put_u32(&mut self, at: usize, v: u32) -> &mut Self {
+            self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn put_u64(&mut self, at: usize, v: u64) -> &mut Self {
+            self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn u32_at(&self, at: usize) -> u32 {
+            u32::from_ne_bytes(self.0[at..at + 4].try_into().unwrap_or_default())
+        }
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> Result<libc::c_long> {
+        // SAFETY: `attr` is a live, zero-padded `bpf_attr` of the size passed; pointers in it point
+        // to live buffers of the sizes given.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("bpf({cmd})"));
+        }
+        Ok(rc)
+    }
+
+    fn owned(fd: libc::c_long) -> Result<OwnedFd> {
+        let fd = i32::try_from(fd).context("fd")?;
+        // SAFETY: the kernel just returned this fd to us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Statistics on until the returned fd is closed.
+    pub fn enable_run_time_stats() -> Result<OwnedFd> {
+        let mut attr = Attr::new();
+        attr.put_u32(0, 0); // BPF_STATS_RUN_TIME
+        owned(bpf(BPF_ENABLE_STATS, &mut attr)?)
+    }
+
+    /// Ids of the programs of one attach type attached directly at `dir`.
+    pub fn attached_program_ids(dir: &Path, attach_type: u32) -> Result<Vec<u32>> {
+        let cgroup = std::fs::File::open(dir).with_context(|| format!("{}", dir.display()))?;
+        let mut ids = [0u32; 16];
+        let mut attr = Attr::new();
+        attr.put_u32(0, u32::try_from(cgroup.as_raw_fd())?)
+            .put_u32(4, attach_type)
+            .put_u64(16, ids.as_mut_ptr() as u64)
+            .put_u32(24, 16);
+        bpf(BPF_PROG_QUERY, &mut attr)?;
+        let count = attr.u32_at(24) as usize;
+        if count > ids.len() {
+            bail!("{count} programs attached");
+        }
+        Ok(ids[..count].to_vec())
+    }
+
+    /// A program's name, total run time and run count.
+    pub fn run_time(id: u32) -> Result<(String, u64, u64)> {
+        let mut attr = Attr::new();
+        attr.put_u32(0, id);
+        let fd = owned(bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?)?;
+        // `struct bpf_prog_info`: name at 64 (16 bytes), run_time_ns at 192, run_cnt at 200.
+        let mut info = [0u8; 232];
+        let mut attr = Attr::new();
+        attr.put_u32(0, u32::try_from(fd.as_raw_fd())?)
+            .put_u32(4, info.len() as u32)
+            .put_u64(8, info.as_mut_ptr() as u64);
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        let name = String::from_utf8_lossy(&info[64..80])
+            .trim_end_matches('\0')
+            .to_owned();
+        let u64_at =
+            |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().unwrap_or_default());
+        Ok((name, u64_at(192), u64_at(200)))
+    }
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn connect_path_table(p: &ConnectPath) -> String {
+    let row = |what: &str, on: &[u64], off: &[u64]| {
+        let (m_on, m_off) = (median(on), median(off));
+        let diff = i128::from(m_on) - i128::from(m_off);
+        format!("| {what} | {m_off} | {m_on} | {diff:+} | {on:?} / {off:?} |\n")
+    };
+    format!(
+        "\nConnect path of connections not to the agent, from the pod (ns per operation, median of \
+         {CONNECT_ROUNDS} rounds; programs attached at the node's cgroup root, or none):\n\n\
+         | operation | no programs | programs attached | difference | rounds (attached / none) |\n\
+         |---|---:|---:|---:|---|\n{}{}",
+        row(
+            &format!(
+                "TCP connect + accept + close to the pod's loopback ({TCP_CONNECTS} per round)"
+            ),
+            &p.tcp_on,
+            &p.tcp_off
+        ),
+        row(
+            &format!("UDP connect() ({UDP_CONNECTS} per round)"),
+            &p.udp_on,
+            &p.udp_off
+        ),
+    )
+}
+
+/// Inside the pod: a listener on the pod's loopback, then TCP connect/accept/close (the client
+/// resets, so no TIME_WAIT piles up) and UDP `connect()`s. Prints ns per TCP cycle and per UDP
+/// connect.
+fn connect_loop() -> Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a listener")?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let tcp_round = |n: u32| -> Result<Duration> {
+        let started = Instant::now();
+        for _ in 0..n {
+            let client = TcpStream::connect(addr).context("connect")?;
+            let (server, _) = listener.accept().context("accept")?;
+            reset_on_close(&client);
+            drop(client);
+            drop(server);
+        }
+        Ok(started.elapsed())
+    };
+    // Warm up caches and the socket allocator before measuring.
+    tcp_round(1000)?;
+    let tcp = tcp_round(TCP_CONNECTS)?;
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a UDP socket")?;
+    for _ in 0..1000 {
+        udp.connect(addr)?;
+    }
+    let started = Instant::now();
+    for _ in 0..UDP_CONNECTS {
+        udp.connect(addr)?;
+    }
+    let udp_elapsed = started.elapsed();
+    println!(
+        "{} {}",
+        tcp.as_nanos() / u128::from(TCP_CONNECTS),
+        udp_elapsed.as_nanos() / u128::from(UDP_CONNECTS)
+    );
+    Ok(())
+}
+
+/// `SO_LINGER` 0: close sends a reset and leaves no TIME_WAIT socket holding the port.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a `linger` of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// The cold bursts: pods at once.
+const BURST_PODS: [usize; 2] = [300, 1000];
+/// EKS Auth's limit in the bursts (calls per second, and its bucket) and its time per call.
+const BURST_EKS_AUTH_RATE: f64 = 50.0;
+const BURST_EKS_AUTH_BUCKET: f64 = 50.0;
+const BURST_EKS_AUTH_LATENCY: Duration = Duration::from_millis(50);
+
+/// Each burst on a fresh agent (the bench's flags: node-wide limit off) and a fresh EKS Auth
+/// stand-in that throttles past [`BURST_EKS_AUTH_RATE`]; the pods are tokens fetched by botocore's
+/// own container provider, one thread each (see `e2e::burst`).
+fn measure_bursts(node: &SimNode) -> Result<Vec<e2e::burst::BurstReport>> {
+    let most = BURST_PODS.iter().copied().max().unwrap_or(0);
+    let clients: Vec<Pod> = (0..e2e::burst::client_pods_for(most))
+        .map(|i| {
+            node.add_pod(PodSpec::new(
+                &format!("burst-client-{i}"),
+                "burst",
+                "client",
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut reports = Vec::new();
+    for (run, pods) in BURST_PODS.into_iter().enumerate() {
+        let fake = start_fake_eks_auth_in(node.netns(), CLUSTER)?;
+        fake.associate("burst", "burst-sa", "burst-role");
+        let tokens = e2e::burst::write_burst_tokens(
+            &fake,
+            node,
+            "burst",
+            "burst-sa",
+            pods,
+            &node.dir().join(format!("burst-{run}")),
+        )?;
+        let agent = AgentProcess::start(
+            node,
+            &fake,
+            AgentArgs::default().args(["--global-request-rate", "0"]),
+        )?;
+        fake.set_delay(BURST_EKS_AUTH_LATENCY);
+        fake.set_rate_limit(Some((BURST_EKS_AUTH_RATE, BURST_EKS_AUTH_BUCKET)));
+        let report = e2e::burst::run_burst(&clients, &fake, &tokens, Duration::from_secs(60))?;
+        eprintln!("   {}", report.summary());
+        agent.stop()?;
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+fn burst_table(reports: &[e2e::burst::BurstReport]) -> String {
+    let ms =
+        |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| format!("{} ms", d.as_millis()));
+    let mut table = format!(
+        "\n\nCold bursts: that many pods ask for their first credentials at once, each with botocore's container \
+         provider and its retry policy (3 attempts, 2 s timeout, 1 s apart; one thread, provider and token per pod, \
+         {} pods per client process and client pod); EKS Auth accepts {BURST_EKS_AUTH_RATE}/s (a bucket of \
+         {BURST_EKS_AUTH_BUCKET}) and takes {} ms a call, and answers `ThrottlingException` past its limit. \
+         Calls and throttling are counted until the last SDK is done; the agent goes on fetching the tokens of pods \
+         whose SDK gave up, so that their next attempt is a hit (\"every token issued\").\n\n\
+         | pods | got credentials | attempts 1 / 2 / 3 | EKS Auth calls | throttled | p50 to credentials | p99 | max | every token issued after |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        e2e::burst::THREADS_PER_CLIENT_POD,
+        BURST_EKS_AUTH_LATENCY.as_millis(),
+    );
+    for r in reports {
+        let [one, two, three] = r.attempts();
+        table.push_str(&format!(
+            "| {} | {} ({:.0}%) | {one} / {two} / {three} | {} | {} ({:.1}%) | {} | {} | {} | {} |\n",
+            r.outcomes.len(),
+            r.served(),
+            100.0 * r.served() as f64 / r.outcomes.len().max(1) as f64,
+            r.upstream_calls,
+            r.throttled,
+            100.0 * r.throttled_share(),
+            ms(r.percentile(50)),
+            ms(r.percentile(99)),
+            ms(r.percentile(100)),
+            ms(r.all_issued_after),
+        ));
+    }
+    table
 }

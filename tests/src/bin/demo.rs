@@ -373,10 +373,16 @@ fn flood_refused_in_kernel(demo: &mut Demo) -> Result<()> {
         ),
         Err(e) => println!("   {}: FAILED {}", neighbour.pod.name, e.stderr.trim()),
     }
-    let denied = demo.agent.as_ref().context("no agent")?.metric(&format!(
+    // The agent reads the kernel's counters every few seconds, off the scrape.
+    let agent = demo.agent.as_ref().context("no agent")?;
+    let series = format!(
         "pod_identity_connections_denied_total{{namespace=\"{}\"}}",
         flooder.pod.namespace
-    ))?;
+    );
+    e2e::wait_for(Duration::from_secs(15), || {
+        agent.metric(&series).is_ok_and(|d| d >= refused as f64)
+    });
+    let denied = agent.metric(&series)?;
     println!(
         "   pod_identity_connections_denied_total{{namespace=\"{}\"}} {denied}",
         flooder.pod.namespace

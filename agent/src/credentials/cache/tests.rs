@@ -1,16 +1,43 @@
 //! Cache behaviour under tokio's paused clock, against a scripted upstream.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
 use std::time::SystemTime;
 
 use super::*;
 use crate::credentials::{Association, Credentials};
 
-/// An upstream that mints credentials valid for `lifetime`, or answers what the script says.
+/// EKS Auth's throttling: a token bucket.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// An upstream that mints credentials valid for `lifetime`, or answers what the script says, or
+/// throttles past its rate limit.
 struct Upstream {
     calls: AtomicUsize,
+    throttled: AtomicUsize,
+    by_token: Mutex<HashMap<String, usize>>,
     script: Mutex<VecDeque<UpstreamError>>,
+    limit: Mutex<Option<Bucket>>,
     lifetime: Duration,
     delay: Duration,
     clock: Clock,
@@ -18,17 +45,44 @@ struct Upstream {
 
 impl Upstream {
     fn new(clock: Clock, lifetime: Duration) -> Arc<Self> {
+        Self::with(clock, lifetime, Duration::from_millis(20), None)
+    }
+
+    /// Answers after `delay`; throttles past `limit` (calls per second, burst).
+    fn with(
+        clock: Clock,
+        lifetime: Duration,
+        delay: Duration,
+        limit: Option<(f64, f64)>,
+    ) -> Arc<Self> {
         Arc::new(Upstream {
             calls: AtomicUsize::new(0),
+            throttled: AtomicUsize::new(0),
+            by_token: Mutex::new(HashMap::new()),
             script: Mutex::new(VecDeque::new()),
+            limit: Mutex::new(limit.map(|(rate, burst)| Bucket {
+                rate,
+                burst,
+                tokens: burst,
+                at: Instant::now(),
+            })),
             lifetime,
-            delay: Duration::from_millis(20),
+            delay,
             clock,
         })
     }
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    fn calls_for(&self, token: &str) -> usize {
+        self.by_token
+            .lock()
+            .unwrap()
+            .get(token)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn fail_next(&self, code: &str, status: u16) {
@@ -42,7 +96,22 @@ impl Upstream {
 impl Retriever for Arc<Upstream> {
     async fn fetch(&self, token: &str) -> Result<Issued, UpstreamError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        *self
+            .by_token
+            .lock()
+            .unwrap()
+            .entry(token.to_owned())
+            .or_default() += 1;
+        let admitted = self.limit.lock().unwrap().as_mut().is_none_or(Bucket::take);
         tokio::time::sleep(self.delay).await;
+        if !admitted {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
+            return Err(UpstreamError::new(
+                429,
+                "ThrottlingException",
+                "Rate exceeded",
+            ));
+        }
         if let Some(err) = self.script.lock().unwrap().pop_front() {
             return Err(err);
         }
@@ -68,6 +137,7 @@ fn config(max_entries: u64) -> CacheConfig {
         renewals_per_second: 1000,
         renewal_jitter: Duration::from_secs(5 * 60),
         retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        admission: crate::config::AdmissionConfig::default(),
     }
 }
 
@@ -76,7 +146,7 @@ async fn get(
     cache: &CredentialCache<Arc<Upstream>>,
     token: &str,
     claims: impl FnOnce() -> Arc<Claims>,
-) -> Result<Served, Arc<UpstreamError>> {
+) -> Result<Served, FetchError> {
     match cache.lookup(token).await {
         Some(served) => Ok(served),
         None => cache.fetch(token, claims()).await,
@@ -88,13 +158,16 @@ fn cache(
     config: CacheConfig,
     keep: Option<KeepPredicate>,
 ) -> CredentialCache<Arc<Upstream>> {
-    CredentialCache::new(
-        upstream.clone(),
-        config,
-        upstream.clock,
-        Metrics::new().unwrap(),
-        keep,
-    )
+    cache_with_metrics(upstream, config, keep, Metrics::new().unwrap())
+}
+
+fn cache_with_metrics(
+    upstream: &Arc<Upstream>,
+    config: CacheConfig,
+    keep: Option<KeepPredicate>,
+    metrics: Metrics,
+) -> CredentialCache<Arc<Upstream>> {
+    CredentialCache::new(upstream.clone(), config, upstream.clock, metrics, keep)
 }
 
 /// Claims of a token that lives a day.
@@ -105,12 +178,29 @@ fn subject() -> Arc<Claims> {
     })
 }
 
+/// Claims of a token of pod `pod` (namespace `shop`, service account `sa`) issued at `iat`.
+fn pod_token(pod: &str, sa: &str, iat: i64) -> Arc<Claims> {
+    let claims = serde_json::json!({
+        "exp": iat + 86_400, "iat": iat, "aud": "pods.eks.amazonaws.com",
+        "kubernetes.io": {"namespace": "shop", "pod": {"name": "cart", "uid": pod},
+                          "serviceaccount": {"name": sa, "uid": "s"}}
+    });
+    Arc::new(serde_json::from_value(claims).unwrap())
+}
+
 async fn key_id(cache: &CredentialCache<Arc<Upstream>>, token: &str) -> (String, Lookup) {
     let served = get(cache, token, subject).await.unwrap();
     (
         served.issued.credentials.access_key_id.clone(),
         served.lookup,
     )
+}
+
+fn upstream_status(e: FetchError) -> u16 {
+    match e {
+        FetchError::Upstream(e) => e.status,
+        FetchError::Queued { .. } => 429,
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -157,14 +247,105 @@ async fn fifty_concurrent_cold_requests_make_one_upstream_call() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_cold_requests_share_an_error_too() {
     let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
-    up.fail_next("ThrottlingException", 429);
+    up.fail_next("ServiceUnavailableException", 503);
     let cache = cache(&up, config(10), None);
     let (a, b) = tokio::join!(get(&cache, "t", subject), get(&cache, "t", subject));
-    assert_eq!(a.err().unwrap().status, 429);
-    assert_eq!(b.err().unwrap().status, 429);
+    assert_eq!(upstream_status(a.err().unwrap()), 503);
+    assert_eq!(upstream_status(b.err().unwrap()), 503);
     assert_eq!(up.calls(), 1);
     // Nothing was cached: the next request tries again.
     assert_eq!(key_id(&cache, "t").await.1, Lookup::Miss);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_first_fetch_is_retried_by_the_agent_not_the_pod() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    up.fail_next("ThrottlingException", 429);
+    up.fail_next("ThrottlingException", 429);
+    let cache = cache(&up, config(10), None);
+    assert_eq!(key_id(&cache, "t").await, ("ASIA3".into(), Lookup::Miss));
+    assert_eq!(up.calls_for("t"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_are_remembered_per_token_for_a_while() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    let metrics = Metrics::new().unwrap();
+    let cache = cache_with_metrics(&up, config(10), None, metrics.clone());
+    up.fail_next("InvalidTokenException", 400);
+    for _ in 0..4 {
+        let err = get(&cache, "bad", subject).await.err().unwrap();
+        assert_eq!(upstream_status(err), 400);
+    }
+    assert_eq!(
+        up.calls_for("bad"),
+        1,
+        "an SDK retrying a bad token costs one call"
+    );
+    assert_eq!(metrics.permanent_error_hits.get(), 3);
+    // Other tokens are not affected; a transient error is not remembered.
+    up.fail_next("InternalServerException", 500);
+    assert!(get(&cache, "other", subject).await.is_err());
+    assert_eq!(key_id(&cache, "other").await.1, Lookup::Miss);
+    // Remembered for a short while only.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(key_id(&cache, "bad").await.1, Lookup::Miss);
+    assert_eq!(up.calls_for("bad"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_served_by_its_deadline_gets_429_and_its_call_goes_on() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    let metrics = Metrics::new().unwrap();
+    let cache = cache_with_metrics(&up, config(200), None, metrics.clone());
+    // 20 go at once, then from 20/s up (each call that waited raises the rate): the last of
+    // 150 calls is ~2 s away.
+    let tokens: Vec<String> = (0..150).map(|i| format!("t{i}")).collect();
+    let started = Instant::now();
+    let tasks: Vec<_> = tokens
+        .iter()
+        .map(|t| {
+            let (cache, t) = (cache.clone(), t.clone());
+            tokio::spawn(async move {
+                let r = get(&cache, &t, subject).await;
+                (r.map(|s| s.lookup), started.elapsed())
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let deadline = Duration::from_millis(1500);
+    for (i, (r, took)) in results.iter().enumerate() {
+        assert!(
+            *took <= deadline + Duration::from_millis(1),
+            "{i}: {took:?}"
+        );
+        match r {
+            Ok(_) => {}
+            Err(FetchError::Queued { retry_after, .. }) => {
+                // Refused so that the SDK's retry, 1 s later, finds the credentials.
+                assert!(i >= 20, "{i} refused");
+                let next_attempt = *took + Duration::from_secs(1);
+                let expected = *took + *retry_after;
+                assert!(
+                    next_attempt + Duration::from_millis(200) >= expected,
+                    "{i}: answered at {took:?}, expected ready at {expected:?}"
+                );
+            }
+            Err(e) => panic!("{i}: {e:?}"),
+        }
+    }
+    let refused = results.iter().filter(|(r, _)| r.is_err()).count();
+    assert!(refused > 0 && refused < 100, "{refused} refused");
+    assert_eq!(metrics.upstream_deferred.get(), refused as u64);
+    // Their calls went on: a second later every token is cached.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for t in &tokens {
+        assert_eq!(key_id(&cache, t).await.1, Lookup::Hit, "{t}");
+    }
+    assert_eq!(up.calls(), 150);
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,12 +403,15 @@ async fn transient_renewal_failures_keep_the_old_credentials_and_retry() {
 #[tokio::test(start_paused = true)]
 async fn permanent_renewal_failure_evicts() {
     let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
-    let cache = cache(&up, config(10), None);
+    let metrics = Metrics::new().unwrap();
+    let cache = cache_with_metrics(&up, config(10), None, metrics.clone());
     key_id(&cache, "t").await;
+    assert_eq!(metrics.cache_entries.get(), 1);
     up.fail_next("AccessDeniedException", 400);
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 2);
     assert_eq!(cache.entry_count().await, 0);
+    assert_eq!(metrics.cache_entries.get(), 0);
     assert_eq!(key_id(&cache, "t").await, ("ASIA3".into(), Lookup::Miss));
 }
 
@@ -266,6 +450,188 @@ async fn least_recently_used_entries_go_first() {
     assert_eq!(cache.entry_count().await, 2);
     assert_eq!(key_id(&cache, "a").await.1, Lookup::Hit);
     assert_eq!(key_id(&cache, "b").await.1, Lookup::Miss);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_do_not_count_as_use() {
+    let up = Upstream::new(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(6 * 3600),
+    );
+    let mut cfg = config(2);
+    cfg.max_retention = Duration::from_secs(60);
+    cfg.renewal_jitter = Duration::ZERO;
+    let cache = cache(&up, cfg, None);
+    key_id(&cache, "used").await;
+    cache.entry_count().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    key_id(&cache, "idle").await;
+    cache.entry_count().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    key_id(&cache, "used").await; // a pod's request: "used" is now the most recent
+    cache.entry_count().await;
+    // "used" renews at 60 s, "idle" at 70 s: after the renewals, "idle" must still be the least
+    // recently used.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert_eq!(up.calls_for("idle"), 2, "renewed");
+    key_id(&cache, "new").await;
+    assert_eq!(cache.entry_count().await, 2);
+    assert_eq!(key_id(&cache, "used").await.1, Lookup::Hit);
+    assert_eq!(key_id(&cache, "idle").await.1, Lookup::Miss);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_entry_is_never_renewed() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    let mut cfg = config(1);
+    cfg.renewal_jitter = Duration::ZERO;
+    let cache = cache(&up, cfg, None);
+    let evicted = get(&cache, "evicted", subject)
+        .await
+        .unwrap()
+        .entry
+        .unwrap();
+    key_id(&cache, "kept").await;
+    assert_eq!(cache.entry_count().await, 1);
+    assert!(evicted.retired.load(Ordering::Relaxed));
+    // Even while something still holds the evicted entry, its renewal does nothing.
+    tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+    assert_eq!(up.calls_for("evicted"), 1);
+    assert_eq!(up.calls_for("kept"), 2);
+    drop(evicted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_their_service() {
+    let clock = Clock::tokio(SystemTime::now());
+    let up = Upstream::new(clock, Duration::from_secs(3600));
+    let mut cfg = config(10);
+    cfg.renewal_jitter = Duration::ZERO;
+    let cache = cache(&up, cfg, None);
+    let now = clock.unix_now();
+    let old = get(&cache, "old", || pod_token("p1", "cart", now - 600))
+        .await
+        .unwrap();
+    let new = get(&cache, "new", || pod_token("p1", "cart", now))
+        .await
+        .unwrap();
+    // Another pod, and another service account of the same pod, are not affected.
+    get(&cache, "other-pod", || pod_token("p2", "cart", now - 600))
+        .await
+        .unwrap();
+    get(&cache, "other-sa", || pod_token("p1", "admin", now - 600))
+        .await
+        .unwrap();
+    assert!(old.entry.as_ref().unwrap().is_superseded());
+    assert!(!new.entry.as_ref().unwrap().is_superseded());
+    // A token of the pod older than the newest, fetched later, is superseded at once.
+    let older = get(&cache, "older", || pod_token("p1", "cart", now - 1200))
+        .await
+        .unwrap();
+    assert!(older.entry.as_ref().unwrap().is_superseded());
+    tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+    assert_eq!(up.calls_for("old"), 1, "the older token was renewed");
+    assert_eq!(up.calls_for("older"), 1, "the oldest token was renewed");
+    assert_eq!(up.calls_for("new"), 2);
+    assert_eq!(up.calls_for("other-pod"), 2);
+    assert_eq!(up.calls_for("other-sa"), 2);
+    // Still served while its credentials last.
+    assert_eq!(key_id(&cache, "old").await.1, Lookup::Hit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rotation_fallback_stores_an_alias_that_verifies_itself_once_eks_auth_answers() {
+    let clock = Clock::tokio(SystemTime::now());
+    let up = Upstream::new(clock, Duration::from_secs(3600));
+    let mut cfg = config(10);
+    cfg.renewal_jitter = Duration::ZERO;
+    let cache = cache(&up, cfg, None);
+    let now = clock.unix_now();
+    let old = get(&cache, "old", || pod_token("p1", "cart", now - 600))
+        .await
+        .unwrap();
+    // EKS Auth fails for the rotated token.
+    up.fail_next("ServiceUnavailableException", 503);
+    let rotated = pod_token("p1", "cart", now);
+    let err = cache.fetch("new", rotated.clone()).await.err().unwrap();
+    assert!(err.is_transient());
+    // Not for another pod, nor another service account.
+    assert!(
+        cache
+            .serve_rotated("x", rotated.clone(), "p2")
+            .await
+            .is_none()
+    );
+    assert!(
+        cache
+            .serve_rotated("y", pod_token("p1", "admin", now), "p1")
+            .await
+            .is_none()
+    );
+    let served = cache.serve_rotated("new", rotated, "p1").await.unwrap();
+    assert_eq!(
+        served.issued.credentials.access_key_id,
+        old.issued.credentials.access_key_id
+    );
+    // Later requests with the new token are hits: no upstream call while EKS Auth is down.
+    up.fail_next("ServiceUnavailableException", 503);
+    let calls = up.calls();
+    assert_eq!(key_id(&cache, "new").await, ("ASIA1".into(), Lookup::Hit));
+    assert_eq!(up.calls(), calls);
+    // The alias renews with its own token: the first attempt (1 s) fails, the next (2 s later)
+    // succeeds; the new token is verified and the old entry stops renewing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(up.calls_for("new"), 3);
+    let (id, lookup) = key_id(&cache, "new").await;
+    assert_eq!(lookup, Lookup::Hit);
+    assert_ne!(id, "ASIA1");
+    assert!(old.entry.as_ref().unwrap().is_superseded());
+    tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+    assert_eq!(up.calls_for("old"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn removal_takes_only_the_entry_it_judged() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    let cache = cache(&up, config(10), None);
+    let judged = get(&cache, "t", subject).await.unwrap().entry.unwrap();
+    // A fresher entry is stored under the same token meanwhile.
+    let fresher = cache
+        .inner
+        .store(Arc::from("t"), subject(), up.fetch("t").await.unwrap())
+        .await;
+    assert!(judged.retired.load(Ordering::Relaxed), "replaced: retired");
+    cache.inner.remove_exact(&judged).await;
+    let served = get(&cache, "t", subject).await.unwrap();
+    assert_eq!(served.lookup, Lookup::Hit);
+    assert!(Arc::ptr_eq(served.entry.as_ref().unwrap(), &fresher));
+    assert_eq!(cache.entry_count().await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_in_flight_gauge_survives_abandoned_calls() {
+    let up = Upstream::with(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(3600),
+        Duration::from_secs(10),
+        None,
+    );
+    let metrics = Metrics::new().unwrap();
+    // Caching off: the call belongs to the request, and goes with it.
+    let uncached = cache_with_metrics(&up, config(0), None, metrics.clone());
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(500), uncached.fetch("t", subject())).await;
+    assert!(abandoned.is_err());
+    assert_eq!(metrics.upstream_in_flight.get(), 0);
+    // Caching on: the call outlives the request that gave up, and ends all the same.
+    let metrics = Metrics::new().unwrap();
+    let cached = cache_with_metrics(&up, config(10), None, metrics.clone());
+    let r = tokio::time::timeout(Duration::from_millis(500), cached.fetch("t", subject())).await;
+    assert!(r.is_err());
+    assert_eq!(metrics.upstream_in_flight.get(), 1);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(metrics.upstream_in_flight.get(), 0);
+    assert_eq!(key_id(&cached, "t").await.1, Lookup::Hit);
 }
 
 #[tokio::test(start_paused = true)]
@@ -309,4 +675,106 @@ async fn entries_of_expired_tokens_are_not_renewed() {
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls(), 1);
     assert_eq!(cache.entry_count().await, 0);
+}
+
+#[test]
+fn give_up_times() {
+    let arrived = Instant::now();
+    let deadline = arrived + Duration::from_millis(1500);
+    let second = Duration::from_secs(1);
+    let at = |ms: u64| arrived + Duration::from_millis(ms);
+    // Expected in time: wait until the deadline at most.
+    assert_eq!(give_up_at(arrived, deadline, at(900), second), deadline);
+    // Expected 1.8 s out: answer at 0.8 s, so the SDK's retry comes at 1.8 s.
+    assert_eq!(give_up_at(arrived, deadline, at(1800), second), at(800));
+    // Far out: each attempt waits its full share.
+    assert_eq!(give_up_at(arrived, deadline, at(9000), second), deadline);
+}
+
+/// What `n` pods, each with botocore's container provider policy (3 attempts, 2 s timeout,
+/// 1 s apart), got from the cache in front of an EKS Auth limited to 50 calls/s (burst 50,
+/// 50 ms per call).
+struct Burst {
+    served: usize,
+    calls: usize,
+    throttled: usize,
+    times: Vec<Duration>,
+}
+
+async fn burst(n: usize) -> Burst {
+    let up = Upstream::with(
+        Clock::tokio(SystemTime::now()),
+        Duration::from_secs(6 * 3600),
+        Duration::from_millis(50),
+        Some((50.0, 50.0)),
+    );
+    let cache = cache(&up, config(2000), None);
+    let pods: Vec<_> = (0..n)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let token = format!("pod-{i}");
+                let started = Instant::now();
+                for _ in 0..3 {
+                    let attempt =
+                        tokio::time::timeout(Duration::from_secs(2), get(&cache, &token, subject));
+                    if let Ok(Ok(_)) = attempt.await {
+                        return Some(started.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                None
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for p in pods {
+        if let Some(t) = p.await.unwrap() {
+            times.push(t);
+        }
+    }
+    times.sort();
+    Burst {
+        served: times.len(),
+        calls: up.calls(),
+        throttled: up.throttled.load(Ordering::SeqCst),
+        times,
+    }
+}
+
+fn summary(n: usize, b: &Burst) -> String {
+    let pct = |p: usize| {
+        b.times
+            .get(b.times.len() * p / 100)
+            .copied()
+            .unwrap_or_default()
+    };
+    format!(
+        "{n} pods: {} served, {} upstream calls, {} throttled ({:.1}%), p50 {:?}, p99 {:?}",
+        b.served,
+        b.calls,
+        b.throttled,
+        100.0 * b.throttled as f64 / b.calls as f64,
+        pct(50),
+        pct(99)
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_hundred_pods_at_once_against_fifty_calls_a_second_all_get_credentials() {
+    let b = burst(300).await;
+    let summary = summary(300, &b);
+    eprintln!("{summary}");
+    assert_eq!(b.served, 300, "{summary}");
+    assert!(b.throttled * 10 < b.calls, "{summary}");
+    assert!(b.calls <= 300 + b.throttled, "{summary}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_pods_at_once_cost_one_call_each_and_little_throttling() {
+    let b = burst(1000).await;
+    let summary = summary(1000, &b);
+    eprintln!("{summary}");
+    assert!(b.throttled * 10 < b.calls, "{summary}");
+    assert!(b.calls <= 1000 + b.throttled, "{summary}");
 }

@@ -120,3 +120,8 @@ relabelings:
   - sourceLabels: [__meta_kubernetes_pod_node_name]
     targetLabel: node
 {{- end -}}
+
+{{/* The ServiceAccount of the Kubernetes API features: serviceAccount.name, else the full name. */}}
+{{- define "eks-pod-identity-agent.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "eks-pod-identity-agent.fullname" (dict "Values" .Values "Release" .Release "Chart" .Chart)) -}}
+{{- end -}}

@@ -1,0 +1,345 @@
+//! Admission to EKS Auth: every upstream call waits for its turn here, so that the agent calls
+//! EKS Auth at the pace EKS Auth accepts instead of amplifying its throttling.
+//!
+//! - A token bucket whose rate adapts to EKS Auth (AIMD). A call that had to wait for its turn
+//!   and was accepted raises the rate: by one call per second per call (so doubling every second)
+//!   until EKS Auth first throttles, then by `increase_per_second` each second. A
+//!   `ThrottlingException` multiplies the rate by `decrease_factor`, once per round: calls sent
+//!   before the cut cannot cut again. The rate stays within its bounds; after a quiet spell
+//!   without throttling it starts afresh (EKS Auth's limit is shared with other nodes and moves).
+//! - Two queues: pods' first fetches go first; renewals get a turn only when no first fetch waits.
+//! - A waiting call knows its place: [`Admission::eta`] estimates when it will go, from its
+//!   position and the current rate, so a request can decide up front how long to wait.
+//!
+//! Mechanism only: it knows nothing of tokens, credentials or HTTP.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus::{Gauge, IntGauge};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::config::AdmissionConfig;
+
+/// Which queue a call waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A pod's first request for a token: someone is waiting.
+    Cold,
+    /// A background renewal: yields to cold calls.
+    Renewal,
+}
+
+/// What EKS Auth made of a call, as far as its pace is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered (credentials or a refusal of the token): the pace was acceptable.
+    Accepted,
+    /// `ThrottlingException`: too fast.
+    Throttled,
+    /// No answer about the pace (a timeout, a server error, unreachable).
+    Failed,
+}
+
+/// Where the admission path reports its state.
+#[derive(Clone)]
+pub struct AdmissionGauges {
+    /// The current rate, calls per second.
+    pub rate: Gauge,
+    pub queued_cold: IntGauge,
+    pub queued_renewals: IntGauge,
+}
+
+/// A place in a queue. Dropping it gives the place up.
+pub struct Ticket {
+    seq: u64,
+    rx: oneshot::Receiver<Permit>,
+}
+
+impl Ticket {
+    /// The ticket's number: its place among the cold calls.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Waits for the turn. `None`: the admission path has shut down.
+    pub async fn admitted(self) -> Option<Permit> {
+        self.rx.await.ok()
+    }
+}
+
+/// The right to make one call; report its outcome with [`Admission::record`].
+#[derive(Debug)]
+pub struct Permit {
+    /// The rate's round when the call went: a throttle from an older round does not cut again.
+    round: u64,
+    /// The call had to wait for the bucket: the rate, not the demand, was what limited.
+    limited: bool,
+}
+
+/// The pacer. Dropping it stops the dispatcher and fails every waiting ticket.
+pub struct Admission {
+    shared: Arc<Shared>,
+    dispatcher: AbortHandle,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+    config: AdmissionConfig,
+    gauges: AdmissionGauges,
+}
+
+struct Waiting {
+    seq: u64,
+    tx: oneshot::Sender<Permit>,
+}
+
+struct State {
+    rate: f64,
+    /// Below it the rate grows by one call per second per accepted call, above it additively.
+    threshold: f64,
+    tokens: f64,
+    refilled: Instant,
+    cold: VecDeque<Waiting>,
+    renewals: VecDeque<Waiting>,
+    next_seq: u64,
+    round: u64,
+    last_throttle: Option<Instant>,
+    /// Moving average of accepted calls' duration.
+    latency: Duration,
+    /// Since the queues were last empty, a call had to wait for the bucket.
+    saturated: bool,
+}
+
+/// The duration of an upstream call before any was measured.
+const FIRST_LATENCY_GUESS: Duration = Duration::from_millis(100);
+
+impl Admission {
+    /// Starts the dispatcher (on the current tokio runtime).
+    pub fn new(config: AdmissionConfig, gauges: AdmissionGauges) -> Self {
+        let rate = config.initial_rate.clamp(config.min_rate, config.max_rate);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rate,
+                threshold: config.max_rate,
+                tokens: config.burst.min(rate).max(1.0),
+                refilled: Instant::now(),
+                cold: VecDeque::new(),
+                renewals: VecDeque::new(),
+                next_seq: 0,
+                round: 0,
+                last_throttle: None,
+                latency: FIRST_LATENCY_GUESS,
+                saturated: false,
+            }),
+            wake: Notify::new(),
+            config,
+            gauges,
+        });
+        shared.gauges.rate.set(rate);
+        let dispatcher = tokio::spawn(dispatch(shared.clone())).abort_handle();
+        Admission { shared, dispatcher }
+    }
+
+    /// A place at the back of `class`'s queue. A cold call is refused when the queue is full,
+    /// with the time it would take to drain.
+    pub fn enqueue(&self, class: Class) -> Result<Ticket, Duration> {
+        let mut s = self.shared.lock();
+        if class == Class::Cold && s.cold.len() >= self.shared.config.max_queued {
+            return Err(Duration::from_secs_f64(s.cold.len() as f64 / s.rate));
+        }
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        match class {
+            Class::Cold => s.cold.push_back(Waiting { seq, tx }),
+            Class::Renewal => s.renewals.push_back(Waiting { seq, tx }),
+        }
+        self.shared.publish_queues(&s);
+        drop(s);
+        self.shared.wake.notify_one();
+        Ok(Ticket { seq, rx })
+    }
+
+    /// A cold call that was throttled goes again before every cold call queued after it: its
+    /// place is its old number.
+    pub fn requeue(&self, seq: u64) -> Ticket {
+        let mut s = self.shared.lock();
+        let (tx, rx) = oneshot::channel();
+        let at = s.cold.partition_point(|w| w.seq < seq);
+        s.cold.insert(at, Waiting { seq, tx });
+        self.shared.publish_queues(&s);
+        drop(s);
+        self.shared.wake.notify_one();
+        Ticket { seq, rx }
+    }
+
+    /// How long until the cold ticket `seq` is expected to go, at the current rate.
+    pub fn eta(&self, seq: u64) -> Duration {
+        let mut s = self.shared.lock();
+        s.refill(Instant::now(), &self.shared.config);
+        let ahead = s
+            .cold
+            .front()
+            .map_or(0, |front| seq.saturating_sub(front.seq));
+        let missing = (ahead as f64 + 1.0 - s.tokens).max(0.0);
+        Duration::from_secs_f64(missing / s.rate)
+    }
+
+    /// The usual duration of an accepted call.
+    pub fn latency(&self) -> Duration {
+        self.shared.lock().latency
+    }
+
+    /// The current rate, calls per second.
+    pub fn rate(&self) -> f64 {
+        self.shared.lock().rate
+    }
+
+    /// A permit that was not used (the call was no longer needed): its token goes back.
+    pub fn refund(&self, _permit: Permit) {
+        let mut s = self.shared.lock();
+        let cap = s.burst_cap(&self.shared.config);
+        s.tokens = (s.tokens + 1.0).min(cap);
+        drop(s);
+        self.shared.wake.notify_one();
+    }
+
+    /// Adapts the rate to what EKS Auth made of a call.
+    pub fn record(&self, permit: Permit, outcome: Outcome, took: Duration) {
+        let config = &self.shared.config;
+        let mut s = self.shared.lock();
+        match outcome {
+            Outcome::Throttled => {
+                s.last_throttle = Some(Instant::now());
+                if permit.round == s.round {
+                    s.round += 1;
+                    s.rate = (s.rate * config.decrease_factor).max(config.min_rate);
+                    s.threshold = s.rate;
+                    // No burst into a service that just said no.
+                    s.tokens = s.tokens.min(0.0);
+                    tracing::debug!(rate = s.rate, "EKS Auth throttled: slowing down");
+                }
+            }
+            Outcome::Accepted => {
+                s.latency = (s.latency * 4 + took) / 5;
+                if permit.limited {
+                    let step = if s.rate < s.threshold {
+                        1.0
+                    } else {
+                        config.increase_per_second / s.rate
+                    };
+                    s.rate = (s.rate + step).min(config.max_rate);
+                }
+            }
+            Outcome::Failed => {}
+        }
+        self.shared.gauges.rate.set(s.rate);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+        let mut s = self.shared.lock();
+        // Dropping the senders fails the waiting tickets.
+        s.cold.clear();
+        s.renewals.clear();
+        self.shared.publish_queues(&s);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish_queues(&self, s: &State) {
+        self.gauges.queued_cold.set(s.cold.len() as i64);
+        self.gauges.queued_renewals.set(s.renewals.len() as i64);
+    }
+
+    /// Hands out every turn that is due; returns how long until the next one (`None`: nothing
+    /// waits).
+    fn step(&self) -> Option<Duration> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.refill(now, &self.config);
+        self.gauges.rate.set(s.rate);
+        let st = &mut *s;
+        let next = loop {
+            let queue = if !st.cold.is_empty() {
+                &mut st.cold
+            } else if !st.renewals.is_empty() {
+                &mut st.renewals
+            } else {
+                st.saturated = false;
+                break None;
+            };
+            // A ticket given up costs no turn.
+            if queue.front().is_some_and(|w| w.tx.is_closed()) {
+                queue.pop_front();
+                continue;
+            }
+            if st.tokens < 1.0 {
+                st.saturated = true;
+                break Some(Duration::from_secs_f64((1.0 - st.tokens) / st.rate));
+            }
+            let Some(waiting) = queue.pop_front() else {
+                continue;
+            };
+            let permit = Permit {
+                round: st.round,
+                limited: st.saturated,
+            };
+            if waiting.tx.send(permit).is_ok() {
+                st.tokens -= 1.0;
+            }
+        };
+        self.publish_queues(&s);
+        next
+    }
+}
+
+impl State {
+    /// At most a second's worth, and never more than the configured burst.
+    fn burst_cap(&self, config: &AdmissionConfig) -> f64 {
+        config.burst.min(self.rate).max(1.0)
+    }
+
+    fn refill(&mut self, now: Instant, config: &AdmissionConfig) {
+        if let Some(at) = self.last_throttle
+            && now.saturating_duration_since(at) >= config.quiet_reset
+        {
+            self.last_throttle = None;
+            self.threshold = config.max_rate;
+            self.rate = self.rate.max(config.initial_rate.min(config.max_rate));
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst_cap(config));
+        self.refilled = now;
+    }
+}
+
+/// Hands out turns as the bucket fills, until the admission path is dropped.
+async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        match shared.step() {
+            None => shared.wake.notified().await,
+            // A new ticket or a changed rate wakes it early: it only looks again.
+            Some(wait) => {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shared.wake.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

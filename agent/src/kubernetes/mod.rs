@@ -1,0 +1,290 @@
+//! What the agent asks of the Kubernetes API: removing this node's startup taint once it serves
+//! ([`taint`]), and Events on pods whose credential requests fail ([`events`], aggregated and
+//! rate-limited by [`correlator`]).
+//!
+//! The client (kube-rs, configured like every Kubernetes client: `KUBECONFIG` or
+//! `~/.kube/config`, else the pod's service account and `KUBERNETES_SERVICE_HOST`) is created
+//! only when one of the features is on, and in the background: with both off nothing here runs,
+//! and with either on the agent's start-up does not wait for the API. No failure here ever
+//! blocks a credential answer: the API is only called from tasks of this module, each call with
+//! a deadline.
+
+pub mod correlator;
+pub mod events;
+#[cfg(test)]
+mod fake;
+pub mod taint;
+
+use std::future::Future;
+
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KubernetesConfig;
+use crate::metrics::Metrics;
+use crate::probes::Readiness;
+use events::{EventInbox, EventRecorder, PodNames};
+
+/// The component name on the Events the agent posts (`source.component`, `reportingComponent`).
+pub const COMPONENT: &str = "eks-pod-identity-agent";
+
+/// Why the Kubernetes client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no Kubernetes configuration (neither KUBECONFIG, ~/.kube/config nor in-cluster)")]
+    Config(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// The client, configured as kube-rs infers it, with the agent's deadlines.
+pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, ClientError> {
+    let mut kube_config = kube::Config::infer().await.map_err(ClientError::Config)?;
+    kube_config.connect_timeout = Some(config.call_timeout);
+    kube_config.read_timeout = Some(config.call_timeout);
+    kube_config.write_timeout = Some(config.call_timeout);
+    kube::Client::try_from(kube_config).map_err(ClientError::Client)
+}
+
+/// The API calls the agent makes: the seam unit tests fake.
+pub trait KubeApi: Clone + Send + Sync + 'static {
+    fn get_node(&self, name: &str) -> impl Future<Output = Result<Node, kube::Error>> + Send;
+    /// A JSON merge patch (`application/merge-patch+json`).
+    fn patch_node(
+        &self,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> impl Future<Output = Result<Node, kube::Error>> + Send;
+    fn create_event(
+        &self,
+        namespace: &str,
+        event: &Event,
+    ) -> impl Future<Output = Result<Event, kube::Error>> + Send;
+    /// A strategic merge patch, as the kubelet's recorder sends.
+    fn patch_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> impl Future<Output = Result<Event, kube::Error>> + Send;
+}
+
+impl KubeApi for kube::Client {
+    async fn get_node(&self, name: &str) -> Result<Node, kube::Error> {
+        Api::<Node>::all(self.clone()).get(name).await
+    }
+
+    async fn patch_node(&self, name: &str, patch: &serde_json::Value) -> Result<Node, kube::Error> {
+        Api::<Node>::all(self.clone())
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+    }
+
+    async fn create_event(&self, namespace: &str, event: &Event) -> Result<Event, kube::Error> {
+        Api::<Event>::namespaced(self.clone(), namespace)
+            .create(&PostParams::default(), event)
+            .await
+    }
+
+    async fn patch_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<Event, kube::Error> {
+        Api::<Event>::namespaced(self.clone(), namespace)
+            .patch(name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+    }
+}
+
+/// The API call that failed, as `pod_identity_kubernetes_api_errors_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Making the client (no configuration, a bad kubeconfig).
+    Client,
+    GetNode,
+    PatchNode,
+    CreateEvent,
+    PatchEvent,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Client => "client",
+            Operation::GetNode => "get_node",
+            Operation::PatchNode => "patch_node",
+            Operation::CreateEvent => "create_event",
+            Operation::PatchEvent => "patch_event",
+        }
+    }
+}
+
+/// The counters of API errors, one handle per operation, resolved once.
+#[derive(Clone)]
+pub struct ApiErrors {
+    client: IntCounter,
+    get_node: IntCounter,
+    patch_node: IntCounter,
+    create_event: IntCounter,
+    patch_event: IntCounter,
+}
+
+impl ApiErrors {
+    pub fn new(errors: &IntCounterVec) -> Self {
+        let handle = |op: Operation| errors.with_label_values(&[op.as_str()]);
+        ApiErrors {
+            client: handle(Operation::Client),
+            get_node: handle(Operation::GetNode),
+            patch_node: handle(Operation::PatchNode),
+            create_event: handle(Operation::CreateEvent),
+            patch_event: handle(Operation::PatchEvent),
+        }
+    }
+
+    pub fn count(&self, op: Operation) {
+        match op {
+            Operation::Client => &self.client,
+            Operation::GetNode => &self.get_node,
+            Operation::PatchNode => &self.patch_node,
+            Operation::CreateEvent => &self.create_event,
+            Operation::PatchEvent => &self.patch_event,
+        }
+        .inc();
+    }
+}
+
+/// The API's status code of an error, when it answered with one.
+pub fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// The Kubernetes features, set up before the endpoint (which needs the Events handle) and
+/// started once the server is assembled.
+pub struct Kubernetes {
+    config: KubernetesConfig,
+    node_name: Option<String>,
+    metrics: Metrics,
+    inbox: Option<EventInbox>,
+}
+
+impl Kubernetes {
+    /// `None` when both features are off: then nothing of this module runs.
+    pub fn new(
+        config: &KubernetesConfig,
+        node_name: Option<String>,
+        metrics: &Metrics,
+    ) -> Option<(Kubernetes, Option<EventRecorder>)> {
+        if !config.enabled() {
+            return None;
+        }
+        let (recorder, inbox) = if config.pod_events {
+            let (recorder, inbox) = events::channel(config.event_queue, metrics);
+            (Some(recorder), Some(inbox))
+        } else {
+            (None, None)
+        };
+        let kubernetes = Kubernetes {
+            config: config.clone(),
+            node_name,
+            metrics: metrics.clone(),
+            inbox,
+        };
+        Some((kubernetes, recorder))
+    }
+
+    /// Makes the client, then removes the startup taint once `readiness` holds and posts Events
+    /// until `shutdown`. A client that cannot be made is logged and counted, and the agent
+    /// serves on without these features.
+    pub async fn run(self, readiness: Readiness, names: PodNames, shutdown: CancellationToken) {
+        let errors = ApiErrors::new(&self.metrics.kubernetes_api_errors);
+        // 0 from the start: an agent that cannot remove the taint shows it (and alerts).
+        let removed = self.config.startup_taint.as_ref().map(|key| {
+            let removed = self.metrics.startup_taint_removed.with_label_values(&[key]);
+            removed.set(0);
+            removed
+        });
+        let client = tokio::select! {
+            () = shutdown.cancelled() => return,
+            client = client(&self.config) => client,
+        };
+        let client = match client {
+            Ok(client) => client,
+            Err(e) => {
+                errors.count(Operation::Client);
+                tracing::error!(error = %crate::error_chain(&e), "no Kubernetes API: the startup taint stays and no Events are posted");
+                return;
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(key), Some(removed)) = (self.config.startup_taint.clone(), removed) {
+            match self.node_name.clone() {
+                Some(node) => {
+                    tasks.spawn(taint::remove_when_ready(
+                        client.clone(),
+                        taint::Removal {
+                            node,
+                            key,
+                            backoff: self.config.retry_backoff,
+                        },
+                        readiness,
+                        TaintMetrics {
+                            removed,
+                            errors: errors.clone(),
+                        },
+                        shutdown.clone(),
+                    ));
+                }
+                None => tracing::error!(
+                    "--remove-startup-taint needs this node's name (--node-name or NODE_NAME): the taint stays"
+                ),
+            }
+        }
+        if let Some(inbox) = self.inbox {
+            tasks.spawn(events::run(
+                client,
+                inbox,
+                events::Reporter {
+                    host: self.node_name.unwrap_or_default(),
+                },
+                names,
+                self.config.retry_backoff,
+                errors,
+                shutdown,
+            ));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// What the taint removal reports.
+#[derive(Clone)]
+pub struct TaintMetrics {
+    /// `pod_identity_startup_taint_removed{key}`.
+    pub removed: IntGauge,
+    pub errors: ApiErrors,
+}
+
+#[cfg(test)]
+mod tests {
+    /// The in-cluster shape: https to the API server's service address, its CA given. Building the
+    /// client sets up rustls with the one crypto provider linked in (aws-lc-rs).
+    #[tokio::test]
+    async fn an_https_client_builds_with_a_given_ca() {
+        let mut config = kube::Config::new("https://10.100.0.1:443".parse().unwrap());
+        config.root_cert = Some(vec![CA_DER.to_vec()]);
+        config.auth_info.token = Some("token".to_owned().into());
+        kube::Client::try_from(config).unwrap();
+        let native = kube::Config::new("https://10.100.0.1:443".parse().unwrap());
+        kube::Client::try_from(native).unwrap();
+    }
+
+    /// A self-signed CA certificate (DER), only parsed.
+    const CA_DER: &[u8] = include_bytes!("testdata/ca.der");
+}
