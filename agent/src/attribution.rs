@@ -138,7 +138,7 @@ pub struct Attribution {
     open: Option<Arc<OpenConnections>>,
     /// Connections closed at once because their pod held its maximum.
     connections_refused: IntCounter,
-    /// Pod UID → namespace, learned from tokens whose pod the kernel confirmed: labels kernel
+    /// Pod UID → namespace, as EKS Auth verified it for a token whose pod the kernel confirmed: labels kernel
     /// counters, which know only cgroups.
     namespaces: RwLock<HashMap<Arc<str>, Arc<str>>>,
 }
@@ -265,10 +265,19 @@ impl Attribution {
                 "the token is for node {token_node}, this is node {node}"
             ));
         }
-        if let (Some(namespace), PodKey::Pod(pod)) = (claims.namespace(), caller.pod_key()) {
+        Binding::Match
+    }
+
+    /// Remembers the namespace of the caller's pod, for the kernel counters' `namespace` label.
+    /// Only a namespace EKS Auth verified for a token the kernel tied to this pod: a token's own
+    /// claims are unverified, and a pod forging namespaces would fill the label set.
+    pub fn learn_verified_namespace(&self, caller: &Caller, namespace: &str) {
+        if namespace.is_empty() {
+            return;
+        }
+        if let PodKey::Pod(pod) = caller.pod_key() {
             self.remember_namespace(pod, namespace);
         }
-        Binding::Match
     }
 
     fn remember_namespace(&self, pod_uid: Arc<str>, namespace: &str) {

@@ -400,7 +400,14 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
     // (mountinfo renders a cgroup2 root relative to the READER's cgroup namespace: read it from
     // inside the agent's namespaces.)
     let seen = std::process::Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "--cgroup", "--mount", "cat", "/proc/self/mountinfo"])
+        .args([
+            "-t",
+            &pid.to_string(),
+            "--cgroup",
+            "--mount",
+            "cat",
+            "/proc/self/mountinfo",
+        ])
         .output()
         .unwrap();
     let mountinfo = String::from_utf8(seen.stdout).unwrap();
@@ -413,7 +420,10 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
         })
         .unwrap_or_else(|| panic!("no cgroup2 mount at /sys/fs/cgroup:\n{mountinfo}"));
     assert!(
-        cgroup2.split(' ').nth(3).is_some_and(|root| root.starts_with("/..")),
+        cgroup2
+            .split(' ')
+            .nth(3)
+            .is_some_and(|root| root.starts_with("/..")),
         "{cgroup2}"
     );
 

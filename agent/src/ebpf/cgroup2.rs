@@ -201,7 +201,9 @@ mod tests {
         assert_eq!(m.root, "/../..");
         check_hierarchy_root(&m).unwrap();
         // Not a cgroup2 filesystem at all.
-        let e = check_hierarchy_root(&mount("/tmp", "/")).unwrap_err().to_string();
+        let e = check_hierarchy_root(&mount("/tmp", "/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/tmp") && e.contains("not a cgroup2"), "{e}");
     }
 

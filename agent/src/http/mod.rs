@@ -215,6 +215,10 @@ impl<R: Retriever> Endpoint<R> {
         if let (Some(entry), Some(process)) = (&served.entry, &caller.process) {
             entry.set_owner_cgroup(process.cgroup_id);
         }
+        if binding == Binding::Match {
+            self.attribution
+                .learn_verified_namespace(caller, &served.issued.association.namespace);
+        }
         ex.lookup = Some(served.lookup);
         ex.issued = Some(served.issued.clone());
         Ok(served.issued.body.clone())
