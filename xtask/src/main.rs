@@ -1,6 +1,7 @@
-//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check`.
+//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check | fuzz`.
 
 mod deploy;
+mod fuzz;
 mod image;
 mod setup;
 mod util;
@@ -46,6 +47,17 @@ enum Command {
     /// scratch with buildah, offline: `localhost/eks-pod-identity-agent:latest` and `:<version>`
     /// (needs root).
     Image,
+    /// Run every fuzz target (or one) for a while from its checked-in corpus, with cargo-fuzz on
+    /// nightly (installed when missing); fails on a crash. Inputs found go to fuzz/work, crashes
+    /// to fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Lint, render and validate the Helm chart against its golden renders and the original
     /// chart, and check the alert rules and the dashboard (offline; no root).
     DeployCheck {
@@ -63,6 +75,7 @@ fn main() {
         Command::Bench { seconds } => bench(seconds),
         Command::Image => image::run(),
         Command::DeployCheck { bless } => deploy::check(bless),
+        Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -90,6 +103,7 @@ fn test(args: &[String]) -> Result<()> {
         test_args.extend(args.iter().map(String::as_str));
     }
     let counts = util::cargo_test(&test_args, &env)?;
+    fuzz::run(fuzz::CI_SECONDS, None)?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &env)?;
     util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
     println!("xtask test: tests, clippy and rustfmt all passed");
