@@ -232,7 +232,15 @@ fn credentials_are_served_while_the_api_is_down_and_the_taint_goes_once_it_is_ba
         "the taint stayed after the API came back; log:\n{}",
         agent.logs().unwrap()
     );
-    assert!(agent.logs().unwrap().contains("removed the startup taint"));
+    // The log line follows the API's answer by a moment.
+    assert!(
+        e2e::wait_for(Duration::from_secs(5), || agent
+            .logs()
+            .unwrap()
+            .contains("removed the startup taint")),
+        "no log of the removal:\n{}",
+        agent.logs().unwrap()
+    );
 }
 
 #[test]
