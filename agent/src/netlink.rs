@@ -47,6 +47,16 @@ pub enum LinkKind {
     Ifb,
 }
 
+impl LinkKind {
+    /// The kernel's name for the link type, as `ip link` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Dummy => "dummy",
+            LinkKind::Ifb => "ifb",
+        }
+    }
+}
+
 /// The rtnetlink operations `initialize` needs: a narrow seam, so the logic above it is tested
 /// without a kernel.
 #[allow(async_fn_in_trait)]
@@ -208,7 +218,7 @@ impl Rtnetlink for Kernel {
             .add(message)
             .execute()
             .await
-            .map_err(call("RTM_NEWLINK", format!("{name} ({kind:?})")))
+            .map_err(call("RTM_NEWLINK", format!("{name} ({})", kind.as_str())))
     }
 
     async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {

@@ -132,6 +132,24 @@ impl AgentArgs {
         self
     }
 
+    /// The agent's own AWS credentials from the shared credentials file `path` only (as on hybrid
+    /// nodes): no key in the environment, no config file.
+    #[must_use]
+    pub fn shared_credentials_file(mut self, path: &std::path::Path) -> Self {
+        self.env.push((
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            path.to_string_lossy().into_owned(),
+        ));
+        self.env.push((
+            "AWS_CONFIG_FILE".into(),
+            path.with_extension("no-config")
+                .to_string_lossy()
+                .into_owned(),
+        ));
+        self.env_remove = vec!["AWS_ACCESS_KEY_ID".into(), "AWS_SECRET_ACCESS_KEY".into()];
+        self
+    }
+
     /// Sets `--audit-log`.
     #[must_use]
     pub fn audit_log(mut self, path: impl Into<PathBuf>) -> Self {
@@ -438,4 +456,15 @@ pub fn wait_audit_records(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes (atomically, by rename) a shared credentials file with one `[default]` key pair.
+pub fn write_credentials_file(path: &std::path::Path, key: &str, secret: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!("[default]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"),
+    )
+    .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

@@ -3,11 +3,10 @@
 //! (`cargo build -p eks-pod-identity-agent`) and, for the metrics lint, `promtool` (Debian `prometheus`).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods};
+use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, write_credentials_file};
 use e2e::clients::{RawRequest, RawResponse};
 use e2e::fake_eks_auth::{ApiError, FakeEksAuth, Fault, FaultTimes};
 use e2e::node::{AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod};
@@ -340,16 +339,6 @@ fn a_bind_host_that_is_not_on_the_node_is_skipped_with_a_warning() {
     );
 }
 
-fn write_credentials_file(path: &Path, key: &str, secret: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        format!("[default]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"),
-    )
-    .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The access key id in the SigV4 `Credential=` of the fake's last request.
 fn signing_key(fake: &FakeEksAuth) -> String {
     let request = fake.last_request().expect("a request reached the fake");
@@ -369,17 +358,10 @@ fn rotate_credentials_signs_with_the_rewritten_key_without_a_restart() {
     }
     let (node, fake, [pod]) = node_with_web_pods("e2e-rotate", ["web-0"]).unwrap();
     let file = node.dir().join("agent-credentials");
-    write_credentials_file(&file, "AKIAE2EROTATED000001", "rotated-secret-one");
-    let mut args = AgentArgs::default().args(["--rotate-credentials"]);
-    args.env.push((
-        "AWS_SHARED_CREDENTIALS_FILE".into(),
-        file.to_string_lossy().into_owned(),
-    ));
-    args.env.push((
-        "AWS_CONFIG_FILE".into(),
-        node.dir().join("no-config").to_string_lossy().into_owned(),
-    ));
-    args.env_remove = vec!["AWS_ACCESS_KEY_ID".into(), "AWS_SECRET_ACCESS_KEY".into()];
+    write_credentials_file(&file, "AKIAE2EROTATED000001", "rotated-secret-one").unwrap();
+    let args = AgentArgs::default()
+        .args(["--rotate-credentials"])
+        .shared_credentials_file(&file);
     let mut agent = AgentProcess::start(&node, &fake, args).unwrap();
     let pid = agent.pid();
 
@@ -394,7 +376,7 @@ fn rotate_credentials_signs_with_the_rewritten_key_without_a_restart() {
     );
     assert_eq!(signing_key(&fake), "AKIAE2EROTATED000001");
 
-    write_credentials_file(&file, "AKIAE2EROTATED000002", "rotated-secret-two");
+    write_credentials_file(&file, "AKIAE2EROTATED000002", "rotated-secret-two").unwrap();
     let second = pod.refresh_token(&fake).unwrap();
     let r = get(&pod, v4(), &second).unwrap();
     assert_eq!(r.status, 200, "{}", r.body_text());

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
-use e2e::agent::{AgentArgs, AgentProcess, Verbatim, node_with_web_pods};
+use e2e::agent::{AgentArgs, AgentProcess, Verbatim, node_with_web_pods, write_credentials_file};
 use e2e::node::CREDENTIALS_URI_V4;
 use pod_identity_agent::cli::{Cli, Command};
 use pod_identity_agent::go_runner;
@@ -163,20 +163,8 @@ fn serve_a_pod_with_the_charts_argv(variant: &str) {
         .push(("AWS_ENDPOINT_URL_EKS_AUTH".into(), fake.endpoint()));
     if variant != "cloud" {
         let file = node.dir().join("hybrid-credentials");
-        std::fs::write(
-            &file,
-            "[default]\naws_access_key_id = AKIAE2EHYBRIDNODE001\naws_secret_access_key = hybrid-secret\n",
-        )
-        .unwrap();
-        args.env.push((
-            "AWS_SHARED_CREDENTIALS_FILE".into(),
-            file.to_string_lossy().into_owned(),
-        ));
-        args.env.push((
-            "AWS_CONFIG_FILE".into(),
-            node.dir().join("no-config").to_string_lossy().into_owned(),
-        ));
-        args.env_remove = vec!["AWS_ACCESS_KEY_ID".into(), "AWS_SECRET_ACCESS_KEY".into()];
+        write_credentials_file(&file, "AKIAE2EHYBRIDNODE001", "hybrid-secret").unwrap();
+        args = args.shared_credentials_file(&file);
     }
     let agent = AgentProcess::start(&node, &fake, args)
         .unwrap_or_else(|e| panic!("{variant}: the chart's argv does not come up: {e:#}"));
