@@ -1,7 +1,9 @@
 //! The per-request audit log: one JSON line per credential request, for security teams.
 //!
-//! Records are queued on the request path (never blocking it; a full queue drops the record and
-//! counts it) and written by a thread of their own. Records carry claims, kernel facts and the
+//! The request path queues an [`AuditEvent`] (never blocking; a full queue drops it and counts
+//! it): what the request found out, as shared references (the caller's cgroup, the token's claims,
+//! the credentials served) and plain values, nothing formatted. The writer thread, a thread of its
+//! own, turns each event into an [`AuditRecord`] and serialises it. Records carry claims, kernel facts and the
 //! identifiers of the credentials served (access key id, assumed-role ARN: what CloudTrail logs),
 //! never a token, a secret key or a session token. Every record starts with `v`, the schema
 //! version ([`SCHEMA_VERSION`]); `docs/audit-log.md` documents the schema field by field.
@@ -23,8 +25,10 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write as _};
+use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,9 +36,111 @@ use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::cgroup::CgroupInfo;
 use crate::config::{AuditRotation, AuditSink};
+use crate::credentials::Issued;
+use crate::credentials::cache::Lookup;
+use crate::ebpf;
+use crate::token::Claims;
 
-/// One credential request, as the audit log records it.
+/// One credential request as the request path hands it over: shared references and plain
+/// values, so that queuing it copies a few pointers and formats nothing. The writer thread turns
+/// it into an [`AuditRecord`] ([`AuditEvent::to_record`]).
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub at: SystemTime,
+    pub outcome: &'static str,
+    pub http_status: u16,
+    /// Why the request was refused or failed.
+    pub reason: Option<String>,
+    /// How the credentials were looked up, when they were.
+    pub lookup: Option<Lookup>,
+    pub latency: Duration,
+    pub peer: SocketAddr,
+    /// The process that connected, from the kernel.
+    pub process: Option<ebpf::Caller>,
+    /// Its cgroup, with the pod and container.
+    pub cgroup: Option<Arc<CgroupInfo>>,
+    /// The token's claims as presented.
+    pub claims: Option<Arc<Claims>>,
+    /// `match`, `mismatch`, `unattributed` or `off`.
+    pub binding: &'static str,
+    /// The credentials served (allowed requests), or EKS Auth's answer that was refused.
+    pub issued: Option<Arc<Issued>>,
+}
+
+impl AuditEvent {
+    /// A request with nothing found out yet: only when, from where, and its answer.
+    pub fn new(at: SystemTime, peer: SocketAddr, outcome: &'static str, http_status: u16) -> Self {
+        AuditEvent {
+            at,
+            outcome,
+            http_status,
+            reason: None,
+            lookup: None,
+            latency: Duration::ZERO,
+            peer,
+            process: None,
+            cgroup: None,
+            claims: None,
+            binding: "off",
+            issued: None,
+        }
+    }
+
+    /// The record as the log writes it (formatting happens here, on the writer thread).
+    pub fn to_record(&self) -> AuditRecord {
+        let cgroup = self.cgroup.as_deref();
+        let pod = cgroup.and_then(|c| c.pod.as_ref());
+        let process = self.process.as_ref();
+        let association = self.issued.as_ref().map(|i| &i.association);
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        AuditRecord {
+            ts: timestamp(self.at),
+            outcome: self.outcome,
+            http_status: self.http_status,
+            reason: self.reason.clone(),
+            cache: self.lookup.map(Lookup::as_str),
+            latency_us: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
+            caller: CallerRecord {
+                peer: self.peer.to_string(),
+                cgroup_id: process.map(|p| p.cgroup_id),
+                cgroup_path: cgroup.map(|c| c.path.clone()),
+                pod_uid: pod.map(|p| p.pod_uid.to_string()),
+                container_id: pod.and_then(|p| p.container_id.clone()),
+                pid: process.map(|p| p.pid),
+                comm: process.map(|p| p.comm.clone()),
+            },
+            token: self.claims.as_deref().map(|c| TokenRecord {
+                namespace: c.namespace().map(str::to_owned),
+                service_account: c.service_account().map(str::to_owned),
+                pod_name: c.pod_name().map(str::to_owned),
+                pod_uid: c.pod_uid().map(str::to_owned),
+                node_name: c.node_name().map(str::to_owned),
+                jti: c.jti.clone(),
+            }),
+            binding: self.binding,
+            role_arn: association.and_then(|a| non_empty(&a.role_arn)),
+            association_id: association.and_then(|a| non_empty(&a.association_id)),
+            credentials: match (self.outcome, &self.issued, self.lookup) {
+                ("allowed", Some(issued), Some(lookup)) => Some(ServedCredentials {
+                    access_key_id: issued.credentials.access_key_id.clone(),
+                    assumed_role_arn: non_empty(&issued.association.assumed_role_arn),
+                    expiration: humantime::format_rfc3339_seconds(issued.credentials.expiration)
+                        .to_string(),
+                    source: match lookup {
+                        Lookup::Hit => "cache",
+                        Lookup::Coalesced => "coalesced",
+                        Lookup::Miss => "eks_auth",
+                    },
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One credential request, as the audit log writes it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AuditRecord {
     /// RFC 3339, UTC.
@@ -135,7 +241,7 @@ pub enum AuditError {
 /// The request path's handle on the audit log. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: mpsc::Sender<AuditRecord>,
+    queue: mpsc::Sender<AuditEvent>,
     dropped: IntCounter,
 }
 
@@ -159,9 +265,9 @@ impl AuditLog {
         Ok((AuditLog { queue, dropped }, AuditWriter(thread)))
     }
 
-    /// Queues a record; drops and counts it if the writer is behind.
-    pub fn record(&self, record: AuditRecord) {
-        if self.queue.try_send(record).is_err() {
+    /// Queues a request's event; drops and counts it if the writer is behind.
+    pub fn record(&self, event: AuditEvent) {
+        if self.queue.try_send(event).is_err() {
             self.dropped.inc();
         }
     }
@@ -503,7 +609,7 @@ pub fn to_line(record: &AuditRecord, line: &mut Vec<u8>) -> serde_json::Result<(
 }
 
 /// The writer thread: a batch at a time, flushed when the queue is momentarily empty.
-fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
+fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditEvent>) {
     // One buffer for every record: a record is serialised whole before it is written, so that its
     // size is known before the file is rotated (a record is never split across files) and it is
     // handed to the file as one complete line.
@@ -512,9 +618,9 @@ fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
     while let Some(first) = records.blocking_recv() {
         out.reopen_if_moved();
         let mut next = Some(first);
-        while let Some(record) = next {
+        while let Some(event) = next {
             line.clear();
-            let written = match to_line(&record, &mut line) {
+            let written = match to_line(&event.to_record(), &mut line) {
                 Ok(()) => out.write_line(&line),
                 Err(e) => Err(io::Error::from(e)),
             };
@@ -534,30 +640,23 @@ fn write_records(mut out: Output, mut records: mpsc::Receiver<AuditRecord>) {
 mod tests {
     use super::*;
 
-    fn record(n: u16) -> AuditRecord {
-        AuditRecord {
-            ts: timestamp(SystemTime::UNIX_EPOCH),
-            outcome: "allowed",
-            http_status: n,
-            reason: None,
-            cache: Some("hit"),
-            latency_us: 12,
-            caller: CallerRecord {
-                peer: "169.254.200.1:1234".into(),
-                ..CallerRecord::default()
-            },
-            token: None,
-            binding: "off",
-            role_arn: None,
-            association_id: None,
-            credentials: None,
+    fn record(n: u16) -> AuditEvent {
+        AuditEvent {
+            lookup: Some(Lookup::Hit),
+            latency: Duration::from_micros(12),
+            ..AuditEvent::new(
+                SystemTime::UNIX_EPOCH,
+                "169.254.200.1:1234".parse().unwrap(),
+                "allowed",
+                n,
+            )
         }
     }
 
     /// Record number `seq` (in `latency_us`), to check order across files.
-    fn numbered(seq: u64) -> AuditRecord {
-        AuditRecord {
-            latency_us: seq,
+    fn numbered(seq: u64) -> AuditEvent {
+        AuditEvent {
+            latency: Duration::from_micros(seq),
             ..record(200)
         }
     }
@@ -581,7 +680,7 @@ mod tests {
 
     /// Writes `records` through the writer thread, waits for it to finish, and checks that none
     /// was dropped.
-    async fn write_all(path: &Path, rotation: AuditRotation, records: Vec<AuditRecord>) {
+    async fn write_all(path: &Path, rotation: AuditRotation, records: Vec<AuditEvent>) {
         let dropped = metric();
         let (log, writer) = AuditLog::start(
             AuditSink::File(path.to_path_buf()),
@@ -682,7 +781,7 @@ mod tests {
         };
         // Some records far larger than the rest, one larger than the bound.
         let records = (0..300)
-            .map(|i| AuditRecord {
+            .map(|i| AuditEvent {
                 reason: match i % 37 {
                     0 => Some("x".repeat(2000)),
                     5 => Some("y".repeat(400)),
@@ -750,7 +849,11 @@ mod tests {
     async fn an_existing_file_past_the_bound_is_rotated_before_the_first_record() {
         let dir = test_dir("existing");
         let path = dir.join("audit.log");
-        let earlier = format!("{}\n", serde_json::to_string(&numbered(7)).unwrap()).repeat(20);
+        let earlier = format!(
+            "{}\n",
+            serde_json::to_string(&numbered(7).to_record()).unwrap()
+        )
+        .repeat(20);
         fs::write(&path, &earlier).unwrap();
         fs::write(backup_path(&path, 1), "{}\n").unwrap();
         let rotation = AuditRotation {
@@ -802,7 +905,10 @@ mod tests {
     fn a_file_moved_away_is_reopened_and_then_rotated_by_size() {
         let dir = test_dir("moved");
         let path = dir.join("audit.log");
-        let line = format!("{}\n", serde_json::to_string(&numbered(1)).unwrap());
+        let line = format!(
+            "{}\n",
+            serde_json::to_string(&numbered(1).to_record()).unwrap()
+        );
         let rotation = AuditRotation {
             max_size: len_u64(line.len() * 2),
             max_backups: 2,
@@ -847,7 +953,10 @@ mod tests {
     fn a_failed_rotation_writes_on_to_the_current_file_and_is_retried_later() {
         let dir = test_dir("failed");
         let path = dir.join("audit.log");
-        let line = format!("{}\n", serde_json::to_string(&numbered(1)).unwrap());
+        let line = format!(
+            "{}\n",
+            serde_json::to_string(&numbered(1).to_record()).unwrap()
+        );
         let rotation = AuditRotation {
             max_size: len_u64(line.len()),
             max_backups: 1,

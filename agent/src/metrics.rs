@@ -57,7 +57,8 @@ pub struct Metrics {
     /// Cache outcomes: `hit`, `miss`, `coalesced`, `refresh`, `evicted` (original name).
     pub cache_state: IntCounterVec,
     /// Upstream errors by `type` (`fetch` for a pod's request, `refresh` for a renewal) and
-    /// `code` (original name).
+    /// `code` (original name): EKS Auth's documented codes and the agent's own, any other
+    /// counted as `UnknownError` ([`crate::credentials::UpstreamError::code_label`]).
     pub cache_errors: IntCounterVec,
     pub request_duration: Histogram,
     pub upstream_duration: HistogramVec,

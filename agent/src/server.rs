@@ -102,6 +102,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
 
     let (programs, attribution) = attach(&config, targets, &metrics)?;
     let attribution = Arc::new(attribution);
+    release_freed_memory();
 
     let eks_auth = EksAuth::new(config.cluster_name.clone(), &config.upstream).await?;
     let clock = Clock::System;
@@ -251,6 +252,25 @@ fn spawn_probes(
 
 /// Loads and attaches the eBPF programs. Without them the agent serves unattributed, unless
 /// binding is enforced: then it refuses to start, since it could not keep its promise.
+/// Gives back to the system the memory the start-up freed: loading the eBPF programs parses the
+/// kernel's BTF (about 19 MB of heap for a few milliseconds), and both allocators would keep much
+/// of it for the life of the agent — glibc's in its arenas, mimalloc (the image's) in this
+/// thread's heap, which it purges only when the thread allocates again, and this one goes idle.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and shrinks the allocator's own free lists; it is
+    // thread-safe and takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    #[cfg(target_env = "musl")]
+    // SAFETY: mi_collect frees and purges the calling thread's heap (and abandoned segments);
+    // it takes no pointer and is safe to call at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
+}
+
 fn attach(
     config: &ServerConfig,
     targets: Vec<SocketAddr>,

@@ -171,6 +171,56 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
+    /// Starts the agent as [`AgentProcess::start`] does, and measures its start: from the spawn of
+    /// `server` (stamped by a shell put in front of `args`' wrapper) to the first 200 of `/readyz`,
+    /// polled every 2 ms from another thread while the harness waits.
+    pub fn start_timed(
+        node: &SimNode,
+        fake: &FakeEksAuth,
+        args: AgentArgs,
+    ) -> Result<(Self, Duration)> {
+        let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let stamp = node.dir().join(format!("agent-{n}.spawned"));
+        let mut wrapper: Vec<OsString> = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("date +%s%N > {}; exec \"$@\"", stamp.display()).into(),
+            "--".into(),
+        ];
+        wrapper.extend(args.wrapper.iter().cloned());
+        let probe = SocketAddr::from((Ipv4Addr::LOCALHOST, args.probe_port));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = {
+            let (stop, node) = (stop.clone(), node.clone());
+            std::thread::spawn(move || -> Option<u128> {
+                while !stop.load(Ordering::Relaxed) {
+                    if http_get_in(node.netns(), probe, "/readyz", Duration::from_millis(200))
+                        .is_ok_and(|r| r.status == 200)
+                    {
+                        return std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_nanos());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                None
+            })
+        };
+        let agent = Self::start(node, fake, AgentArgs { wrapper, ..args });
+        stop.store(true, Ordering::Relaxed);
+        let ready_at = poller.join().ok().flatten();
+        let agent = agent?;
+        let spawned: u128 = std::fs::read_to_string(&stamp)
+            .context("reading the spawn stamp")?
+            .trim()
+            .parse()
+            .context("the spawn stamp")?;
+        let ready_at = ready_at.context("/readyz was never seen answering 200")?;
+        let took = u64::try_from(ready_at.saturating_sub(spawned)).unwrap_or(u64::MAX);
+        Ok((agent, Duration::from_nanos(took)))
+    }
+
     /// Runs `initialize` then `server` inside the node, pointed at `fake`, and waits until `/readyz` is 200.
     pub fn start(node: &SimNode, fake: &FakeEksAuth, args: AgentArgs) -> Result<Self> {
         let ns = node.netns().name();

@@ -594,52 +594,12 @@ fn measure_kubernetes_features_cost() {
             let (node, fake, [web]) = node_with_web_pods("e2e-measure", ["web"]).unwrap();
             let api = fake_kube_api::start_in(node.netns()).unwrap();
             api.add_node(node.name(), &[(KEY, "NoExecute")]);
-            let stamp = node.dir().join("spawned");
-            let wrapper: Vec<std::ffi::OsString> = vec![
-                "sh".into(),
-                "-c".into(),
-                format!("date +%s%N > {}; exec \"$@\"", stamp.display()).into(),
-                "--".into(),
-            ];
-            let args = AgentArgs {
-                wrapper,
-                ..kube_args(&node, &api)
-            }
-            .args(flags.iter().copied())
-            // 2000 requests in a row: past the node-wide default of 1000/s.
-            .args(["--global-request-rate", "0"]);
-            // Poll /readyz every 2 ms from here while the harness starts the agent.
-            let ready_at: Arc<Mutex<Option<u128>>> = Arc::default();
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let poller = {
-                let (ready_at, stop, node) = (ready_at.clone(), stop.clone(), node.clone());
-                std::thread::spawn(move || {
-                    let probe = SocketAddr::from((Ipv4Addr::LOCALHOST, PROBE_PORT));
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        if http_get_in(node.netns(), probe, "/readyz", Duration::from_millis(200))
-                            .is_ok_and(|r| r.status == 200)
-                        {
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .unwrap()
-                                .as_nanos();
-                            *ready_at.lock().unwrap() = Some(now);
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                })
-            };
-            let agent = AgentProcess::start(&node, &fake, args).unwrap();
-            poller.join().unwrap();
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let spawned: u128 = std::fs::read_to_string(&stamp)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            let ready = ready_at.lock().unwrap().unwrap();
-            ready_ms.push((ready - spawned) as f64 / 1e6);
+            let args = kube_args(&node, &api)
+                .args(flags.iter().copied())
+                // 2000 requests in a row: past the node-wide default of 1000/s.
+                .args(["--global-request-rate", "0"]);
+            let (agent, ready) = AgentProcess::start_timed(&node, &fake, args).unwrap();
+            ready_ms.push(ready.as_secs_f64() * 1e3);
             let pid = agent.pid().unwrap();
             let kind = std::env::var("MEASURE_RSS").unwrap_or_else(|_| "VmRSS".into());
             let rss = || -> f64 {

@@ -100,6 +100,11 @@ fn timestamp() -> u64 {
         })
 }
 
+/// The image's binary, built (for the bench's footprint of what the image runs).
+pub fn static_agent() -> Result<PathBuf> {
+    build_static_agent(&commit())
+}
+
 /// `cargo build --release --target x86_64-unknown-linux-musl -p eks-pod-identity-agent`.
 ///
 /// Rust's musl target links statically by default (`+crt-static`, with its own copy of musl's

@@ -141,6 +141,8 @@ fn bench(seconds: u64) -> Result<()> {
         ],
         &[],
     )?;
+    // The image's static binary too: the footprint is measured for both.
+    let image_agent = image::static_agent()?;
     let release = util::target_dir().join("release");
     let agent = release.join("eks-pod-identity-agent");
     let out = util::workspace_root().join("BENCHMARKS.md");
@@ -148,6 +150,7 @@ fn bench(seconds: u64) -> Result<()> {
         .arg("--out")
         .arg(&out)
         .env("EKS_POD_IDENTITY_AGENT_BIN", &agent)
+        .env("EKS_POD_IDENTITY_AGENT_IMAGE_BIN", &image_agent)
         .env("BENCH_SECONDS", seconds.to_string())
         .current_dir(util::workspace_root())
         .status()

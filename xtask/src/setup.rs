@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: `ip` for the simulated node, `promtool` for metrics and alert rules, wrk for
-/// the bench, buildah and musl's C toolchain for the image, `setpriv` (util-linux) for the
-/// capability-limited runs.
+/// Debian packages: `ip` for the simulated node, `promtool` for metrics and alert rules, wrk and
+/// nginx (serving the same body, side by side) for the bench, buildah and musl's C toolchain for
+/// the image, `setpriv` (util-linux) for the capability-limited runs.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "prometheus",
     "wrk",
+    "nginx",
     "buildah",
     "musl-tools",
     "util-linux",

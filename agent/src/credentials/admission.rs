@@ -287,7 +287,11 @@ impl Shared {
             }
             if st.tokens < 1.0 {
                 st.saturated = true;
-                break Some(Duration::from_secs_f64((1.0 - st.tokens) / st.rate));
+                // At least the timer's resolution: floating point can leave the bucket a hair
+                // short of a token, and a wait that rounds to zero fires without time moving on
+                // (under a paused clock, for ever).
+                let wait = Duration::from_secs_f64((1.0 - st.tokens) / st.rate);
+                break Some(wait.max(Duration::from_millis(1)));
             }
             let Some(waiting) = queue.pop_front() else {
                 continue;

@@ -22,20 +22,18 @@
 //! - Nothing on the hit path calls upstream, builds JSON or holds a lock across an await.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use prometheus::{IntCounter, IntGauge};
 use rand::Rng as _;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::admission::{Admission, AdmissionGauges, Class, Outcome, Permit};
 use super::{ErrorClass, Issued, Retriever, UpstreamError};
@@ -320,7 +318,10 @@ struct Inner<R> {
     config: CacheConfig,
     clock: Clock,
     admission: Admission,
-    renewal_pace: DefaultDirectRateLimiter,
+    /// `--max-service-qps`: one renewal per tick, in the order they asked (the lock is fair). On
+    /// tokio's clock, so that it follows the runtime's time (paused in tests) as every other
+    /// timer of the cache does; after an idle spell one renewal goes at once, never a burst.
+    renewal_pace: tokio::sync::Mutex<Interval>,
     keep: Option<KeepPredicate>,
     metrics: Metrics,
     states: StateCounters,
@@ -362,7 +363,9 @@ impl<R: Retriever> CredentialCache<R> {
                 .time_to_live(config.admission.permanent_error_ttl)
                 .build()
         });
-        let qps = NonZeroU32::new(config.renewals_per_second).unwrap_or(NonZeroU32::MIN);
+        let period = Duration::from_secs(1) / config.renewals_per_second.max(1);
+        let mut renewal_pace = tokio::time::interval(period.max(Duration::from_nanos(1)));
+        renewal_pace.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let queued = |t: &str| metrics.upstream_queued.with_label_values(&[t]);
         let admission = Admission::new(
             config.admission.clone(),
@@ -382,7 +385,7 @@ impl<R: Retriever> CredentialCache<R> {
                 config,
                 clock,
                 admission,
-                renewal_pace: RateLimiter::direct(Quota::per_second(qps)),
+                renewal_pace: tokio::sync::Mutex::new(renewal_pace),
                 keep,
                 states: StateCounters::new(&metrics),
                 metrics,
@@ -792,7 +795,7 @@ impl<R: Retriever> Inner<R> {
         if let Err(e) = &result {
             self.metrics
                 .cache_errors
-                .with_label_values(&[kind.as_str(), &e.code])
+                .with_label_values(&[kind.as_str(), e.code_label()])
                 .inc();
         }
         result
@@ -875,70 +878,93 @@ impl Drop for InFlight {
 /// An entry's renewal loop. Holds only weak references while it sleeps, so that an evicted
 /// entry or a dropped cache is not kept alive by it. Reads the entry itself, never through the
 /// cache, so renewals do not count as use.
+///
+/// A renewal ([`renew_once`]) is boxed, allocated only once the entry is due, and within it what
+/// is large — the SDK's call, several KiB of state, and the cache's removal — only once it runs:
+/// otherwise every entry's task would carry all of it while it sleeps, and every renewal waiting
+/// for its turn during an outage (all of them, at worst) the SDK's share. A sleeping task is the
+/// timer and two weak references.
 async fn renew<R: Retriever>(inner: Weak<Inner<R>>, entry: Weak<Entry>, first: Duration) {
-    let mut delay = first;
+    let mut next = Next::After(first);
     let mut failures = 0;
-    loop {
+    while let Next::After(delay) = next {
         tokio::time::sleep(delay).await;
         let (Some(inner), Some(entry)) = (inner.upgrade(), entry.upgrade()) else {
             return;
         };
-        if !entry.renewable() {
-            return;
+        next = Box::pin(renew_once(&inner, &entry, &mut failures)).await;
+    }
+}
+
+/// What a renewal loop does next.
+enum Next {
+    /// Renew again after this long.
+    After(Duration),
+    /// Stop: the entry is gone, superseded or refused, or the cache is shutting down.
+    Stop,
+}
+
+/// One renewal of `entry`, when it is due: paced by `--max-service-qps` and the admission path.
+/// `failures`: transient failures in a row so far (for the backoff).
+async fn renew_once<R: Retriever>(
+    inner: &Arc<Inner<R>>,
+    entry: &Arc<Entry>,
+    failures: &mut u32,
+) -> Next {
+    if !entry.renewable() {
+        return Next::Stop;
+    }
+    let token_expired = inner.clock.unix_now() >= entry.claims.exp;
+    let owner_gone = inner.keep.as_ref().is_some_and(|keep| !keep(entry));
+    if token_expired || owner_gone {
+        tracing::info!(
+            namespace = entry.claims.namespace(),
+            service_account = entry.claims.service_account(),
+            reason = if token_expired {
+                "token expired"
+            } else {
+                "owner gone"
+            },
+            "cached credentials no longer renewed"
+        );
+        Box::pin(inner.remove_exact(entry)).await;
+        return Next::Stop;
+    }
+    inner.renewal_pace.lock().await.tick().await;
+    let Ok(ticket) = inner.admission.enqueue(Class::Renewal) else {
+        return Next::Stop;
+    };
+    let Some(permit) = ticket.admitted().await else {
+        return Next::Stop;
+    };
+    // Evicted or superseded while it waited for its turn.
+    if !entry.renewable() {
+        inner.admission.refund(permit);
+        return Next::Stop;
+    }
+    match Box::pin(inner.call_upstream(&entry.token, Kind::Refresh, permit)).await {
+        Ok(issued) => {
+            let delay = inner.renewal_delay(&issued);
+            entry.issued.store(Arc::new(issued));
+            entry.verified.store(true, Ordering::Relaxed);
+            inner.states.refresh.inc();
+            inner.register(entry);
+            *failures = 0;
+            Next::After(delay)
         }
-        let token_expired = inner.clock.unix_now() >= entry.claims.exp;
-        let owner_gone = inner.keep.as_ref().is_some_and(|keep| !keep(&entry));
-        if token_expired || owner_gone {
-            tracing::info!(
-                namespace = entry.claims.namespace(),
-                service_account = entry.claims.service_account(),
-                reason = if token_expired {
-                    "token expired"
-                } else {
-                    "owner gone"
-                },
-                "cached credentials no longer renewed"
-            );
-            inner.remove_exact(&entry).await;
-            return;
+        Err(e) if e.class() == ErrorClass::Permanent => {
+            tracing::warn!(code = %e.code, message = %e.message, namespace = entry.claims.namespace(),
+                "renewal refused permanently; evicting cached credentials");
+            Box::pin(inner.remove_exact(entry)).await;
+            Next::Stop
         }
-        inner.renewal_pace.until_ready().await;
-        let Ok(ticket) = inner.admission.enqueue(Class::Renewal) else {
-            return;
-        };
-        let Some(permit) = ticket.admitted().await else {
-            return;
-        };
-        // Evicted or superseded while it waited for its turn.
-        if !entry.renewable() {
-            inner.admission.refund(permit);
-            return;
-        }
-        match inner
-            .call_upstream(&entry.token, Kind::Refresh, permit)
-            .await
-        {
-            Ok(issued) => {
-                delay = inner.renewal_delay(&issued);
-                entry.issued.store(Arc::new(issued));
-                entry.verified.store(true, Ordering::Relaxed);
-                inner.states.refresh.inc();
-                inner.register(&entry);
-                failures = 0;
-            }
-            Err(e) if e.class() == ErrorClass::Permanent => {
-                tracing::warn!(code = %e.code, message = %e.message, namespace = entry.claims.namespace(),
-                    "renewal refused permanently; evicting cached credentials");
-                inner.remove_exact(&entry).await;
-                return;
-            }
-            Err(e) => {
-                // The first retry waits the first backoff (`retry_backoff.0`), then doubling.
-                delay = inner.backoff(failures);
-                failures += 1;
-                tracing::warn!(code = %e.code, message = %e.message, retry_in = ?delay,
-                    "renewal failed; keeping the cached credentials");
-            }
+        Err(e) => {
+            // The first retry waits the first backoff (`retry_backoff.0`), then doubling.
+            let delay = inner.backoff(*failures);
+            *failures += 1;
+            tracing::warn!(code = %e.code, message = %e.message, retry_in = ?delay,
+                "renewal failed; keeping the cached credentials");
+            Next::After(delay)
         }
     }
 }

@@ -51,19 +51,39 @@ pub struct Association {
 }
 
 /// One answer from EKS Auth, with the response body the agent serves already rendered: the
-/// cached path sends these bytes as they are.
+/// cached path sends these bytes as they are. The secret key and the session token are kept only
+/// there (once per entry, not twice).
 #[derive(Debug, Clone)]
 pub struct Issued {
-    pub credentials: Credentials,
+    pub credentials: CredentialsId,
     pub association: Association,
     pub body: Bytes,
+}
+
+/// What identifies credentials, without their secrets: for the cache's schedule, the audit log
+/// and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsId {
+    pub access_key_id: String,
+    pub account_id: String,
+    pub expiration: SystemTime,
 }
 
 impl Issued {
     pub fn new(credentials: Credentials, association: Association) -> Issued {
         let body = render_body(&credentials);
+        let Credentials {
+            access_key_id,
+            account_id,
+            expiration,
+            ..
+        } = credentials;
         Issued {
-            credentials,
+            credentials: CredentialsId {
+                access_key_id,
+                account_id,
+                expiration,
+            },
             association,
             body,
         }
@@ -71,6 +91,7 @@ impl Issued {
 }
 
 /// The body every SDK's container provider accepts: `Expiration` in UTC ending in `Z`, no `Code`.
+/// Allocated once at its size: it is kept for as long as the credentials are cached.
 fn render_body(c: &Credentials) -> Bytes {
     #[derive(serde::Serialize)]
     #[serde(rename_all = "PascalCase")]
@@ -88,8 +109,18 @@ fn render_body(c: &Credentials) -> Bytes {
         account_id: &c.account_id,
         expiration: humantime::format_rfc3339_seconds(c.expiration).to_string(),
     };
+    // The fields, their names and quotes, the date: escapes aside, the exact size.
+    let size = 96
+        + c.access_key_id.len()
+        + c.secret_access_key.len()
+        + c.session_token.len()
+        + c.account_id.len();
+    let mut out = Vec::with_capacity(size);
     // Serializing plain strings cannot fail.
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    if serde_json::to_writer(&mut out, &body).is_err() {
+        out.clear();
+    }
+    Bytes::from(out.into_boxed_slice())
 }
 
 /// Where credentials come from: EKS Auth in production, a stand-in in unit tests.

@@ -38,7 +38,38 @@ impl UpstreamError {
     pub fn is_throttling(&self) -> bool {
         self.status == 429 || is_throttling_code(&self.code)
     }
+
+    /// The code as a metric label: one EKS Auth documents, or the agent's own for failures
+    /// without one; any other (a garbled answer's, a proxy's) is `UnknownError`, so that answers
+    /// cannot grow the label set.
+    pub fn code_label(&self) -> &str {
+        let bare = self.code.strip_suffix("Exception").unwrap_or(&self.code);
+        if LABELLED_CODES.contains(&bare) {
+            &self.code
+        } else {
+            "UnknownError"
+        }
+    }
 }
+
+/// EKS Auth's documented error codes (without `Exception`), then the agent's own.
+const LABELLED_CODES: [&str; 15] = [
+    "AccessDenied",
+    "ExpiredToken",
+    "InternalServer",
+    "InvalidParameter",
+    "InvalidRequest",
+    "InvalidToken",
+    "ResourceNotFound",
+    "ServiceUnavailable",
+    "Throttling",
+    "BadResponse",
+    "RequestNotSigned",
+    "ShuttingDown",
+    "Timeout",
+    "UnknownError",
+    "Unreachable",
+];
 
 /// `(Code): message`, the plain-text body the agent answers with.
 impl fmt::Display for UpstreamError {
@@ -97,6 +128,25 @@ mod tests {
         assert!(UpstreamError::new(429, "ThrottlingException", "slow down").is_throttling());
         assert!(UpstreamError::new(400, "Throttling", "slow down").is_throttling());
         assert!(!UpstreamError::new(503, "ServiceUnavailableException", "x").is_throttling());
+    }
+
+    #[test]
+    fn only_known_codes_are_labels() {
+        let label = |code: &str| UpstreamError::new(500, code, "m").code_label().to_owned();
+        for code in [
+            "InvalidTokenException",
+            "ThrottlingException",
+            "Throttling",
+            "ServiceUnavailableException",
+            "Timeout",
+            "BadResponse",
+        ] {
+            assert_eq!(label(code), code);
+        }
+        // Found by the fault storm: a garbled error type made a label value of its own.
+        for code in ["Garbled8af", "", "TimeoutException2", "<html>"] {
+            assert_eq!(label(code), "UnknownError", "{code:?}");
+        }
     }
 
     #[test]

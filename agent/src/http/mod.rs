@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
 
 use crate::attribution::{Attribution, Binding, Caller};
-use crate::audit::{self, AuditLog, AuditRecord, CallerRecord, ServedCredentials, TokenRecord};
+use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
 use crate::config::RateLimit;
 use crate::credentials::cache::{CredentialCache, FetchError, Lookup, Served};
@@ -143,7 +143,7 @@ impl<R: Retriever> Endpoint<R> {
                 recorder.record(observation);
             }
             if let Some(audit) = &self.audit {
-                audit.record(self.audit_record(&result, status, elapsed, caller, exchange));
+                audit.record(self.audit_event(&result, status, elapsed, caller, exchange));
             }
         }
         response
@@ -249,67 +249,30 @@ impl<R: Retriever> Endpoint<R> {
             .is_some_and(|ip| self.hosts.contains(&ip))
     }
 
-    fn audit_record(
+    /// The request's audit event: shared references and plain values, nothing formatted but the
+    /// reason of a refusal (the writer thread formats the record).
+    fn audit_event(
         &self,
         result: &Result<Bytes, RequestError>,
         status: u16,
         elapsed: std::time::Duration,
         caller: &Caller,
         ex: Exchange,
-    ) -> AuditRecord {
+    ) -> AuditEvent {
         let (outcome, reason) = match result {
             Ok(_) => ("allowed", None),
             Err(e) => (e.outcome(), Some(e.to_string())),
         };
-        let cgroup = caller.cgroup.as_deref();
-        let pod = cgroup.and_then(|c| c.pod.as_ref());
-        let association = ex.issued.as_ref().map(|i| &i.association);
-        AuditRecord {
-            ts: audit::timestamp(self.clock.now()),
-            outcome,
-            http_status: status,
+        AuditEvent {
             reason,
-            cache: ex.lookup.map(Lookup::as_str),
-            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            caller: CallerRecord {
-                peer: caller.peer.to_string(),
-                cgroup_id: caller.process.as_ref().map(|p| p.cgroup_id),
-                cgroup_path: cgroup.map(|c| c.path.clone()),
-                pod_uid: pod.map(|p| p.pod_uid.to_string()),
-                container_id: pod.and_then(|p| p.container_id.clone()),
-                pid: caller.process.as_ref().map(|p| p.pid),
-                comm: caller.process.as_ref().map(|p| p.comm.clone()),
-            },
-            token: ex.claims.as_deref().map(|c| TokenRecord {
-                namespace: c.namespace().map(str::to_owned),
-                service_account: c.service_account().map(str::to_owned),
-                pod_name: c.pod_name().map(str::to_owned),
-                pod_uid: c.pod_uid().map(str::to_owned),
-                node_name: c.node_name().map(str::to_owned),
-                jti: c.jti.clone(),
-            }),
+            lookup: ex.lookup,
+            latency: elapsed,
+            process: caller.process.clone(),
+            cgroup: caller.cgroup.clone(),
+            claims: ex.claims,
             binding: ex.binding.as_ref().map_or("off", Binding::as_str),
-            role_arn: association
-                .map(|a| a.role_arn.clone())
-                .filter(|s| !s.is_empty()),
-            association_id: association
-                .map(|a| a.association_id.clone())
-                .filter(|s| !s.is_empty()),
-            credentials: match (result, &ex.issued, ex.lookup) {
-                (Ok(_), Some(issued), Some(lookup)) => Some(ServedCredentials {
-                    access_key_id: issued.credentials.access_key_id.clone(),
-                    assumed_role_arn: Some(issued.association.assumed_role_arn.clone())
-                        .filter(|s| !s.is_empty()),
-                    expiration: humantime::format_rfc3339_seconds(issued.credentials.expiration)
-                        .to_string(),
-                    source: match lookup {
-                        Lookup::Hit => "cache",
-                        Lookup::Coalesced => "coalesced",
-                        Lookup::Miss => "eks_auth",
-                    },
-                }),
-                _ => None,
-            },
+            issued: ex.issued,
+            ..AuditEvent::new(self.clock.now(), caller.peer, outcome, status)
         }
     }
 }

@@ -11,7 +11,12 @@
 //! all run, and leave at their first compares) and of UDP `connect()`s (connect4 alone), with the
 //! programs attached and with none; rounds alternate so that drift hits both alike.
 //!
-//! Prints Markdown tables; `--out FILE` also writes them there.
+//! Then nginx serving the same body to the same pod, the cold bursts, and the footprint (start to
+//! ready, RSS idle and with 2000 identities cached).
+//!
+//! Prints Markdown tables; `--out FILE` also writes them there. `BENCH_ONLY=footprint` measures
+//! the footprint alone; `BENCH_ONLY=throughput` the wrk rows alone, and `BENCH_SCENARIOS` picks
+//! rows by name.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd as _;
@@ -24,11 +29,21 @@ use e2e::node::{Pod, PodSpec, SimNode};
 
 const CLUSTER: &str = "bench-cluster";
 
+/// Who serves a row: the agent, or nginx returning the agent's body from its configuration.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Agent,
+    Nginx,
+}
+
 /// One row of the comparison.
 struct Scenario {
     name: &'static str,
+    server: Server,
     /// Extra agent flags.
     agent: &'static [&'static str],
+    /// `--audit-log` to a file in the node's directory (default rotation: 100 MiB, 5 backups).
+    audit: bool,
     /// Attach the eBPF programs (at the node's cgroup root), or start the agent where they cannot attach.
     ebpf: bool,
     /// `Connection: close` on every request: one connection (and one attribution) per request.
@@ -38,35 +53,72 @@ struct Scenario {
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "cache hit, keep-alive, eBPF attribution on",
+        server: Server::Agent,
         agent: &[],
+        audit: false,
         ebpf: true,
         new_connection_per_request: false,
     },
     Scenario {
         name: "cache hit, keep-alive, eBPF attribution off",
+        server: Server::Agent,
         agent: &["--cgroup-root", "/nonexistent", "--token-binding", "off"],
+        audit: false,
         ebpf: false,
         new_connection_per_request: false,
     },
     Scenario {
         name: "cache hit, new connection per request, eBPF on",
+        server: Server::Agent,
         agent: &[],
+        audit: false,
         ebpf: true,
         new_connection_per_request: true,
     },
     Scenario {
         name: "cache hit, new connection per request, eBPF off",
+        server: Server::Agent,
         agent: &["--cgroup-root", "/nonexistent", "--token-binding", "off"],
+        audit: false,
         ebpf: false,
         new_connection_per_request: true,
     },
     Scenario {
-        name: "no cache (--max-cache-size 0): EKS Auth every time",
+        name: "no cache (--max-cache-size 0): EKS Auth every time, paced",
+        server: Server::Agent,
         agent: &["--max-cache-size", "0"],
+        audit: false,
         ebpf: true,
         new_connection_per_request: false,
     },
+    Scenario {
+        name: "cache hit, keep-alive, eBPF on, audit log on",
+        server: Server::Agent,
+        agent: &[],
+        audit: true,
+        ebpf: true,
+        new_connection_per_request: false,
+    },
+    Scenario {
+        name: "nginx, same body, keep-alive",
+        server: Server::Nginx,
+        agent: &[],
+        audit: false,
+        ebpf: false,
+        new_connection_per_request: false,
+    },
+    Scenario {
+        name: "nginx, same body, new connection per request",
+        server: Server::Nginx,
+        agent: &[],
+        audit: false,
+        ebpf: false,
+        new_connection_per_request: true,
+    },
 ];
+
+/// Where nginx listens in the node (on every address, so also on the agent's).
+const NGINX_PORT: u16 = 8080;
 
 /// What wrk reported.
 struct Measured {
@@ -124,27 +176,76 @@ fn run() -> Result<()> {
     let pod = node.add_pod(PodSpec::new("load-0", "bench", "loader"))?;
     fake.associate("bench", "loader", "loader-role");
     let token = fake.issue_token(&pod.token_spec())?;
+    // `BENCH_ONLY=footprint`: that part alone, printed and not written (for working on memory).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("footprint") {
+        println!(
+            "{}",
+            footprint_table(&measure_footprints(&node, &fake, &pod)?)
+        );
+        return Ok(());
+    }
 
     let mut rows = Vec::new();
-    for scenario in SCENARIOS {
+    let mut nginx: Option<Nginx> = None;
+    // `BENCH_SCENARIOS=nginx,audit`: only the rows whose names contain one of these (when working
+    // on one path); the whole table otherwise.
+    let only = std::env::var("BENCH_SCENARIOS").ok();
+    let chosen = |s: &&Scenario| {
+        only.as_deref()
+            .is_none_or(|only| only.split(',').any(|part| s.name.contains(part)))
+    };
+    for scenario in SCENARIOS.iter().filter(chosen) {
         eprintln!("== {} ({seconds} s)", scenario.name);
-        let args = AgentArgs {
-            cgroup_root: scenario.ebpf,
-            ..AgentArgs::default()
+        let url = match scenario.server {
+            Server::Agent => "http://169.254.170.23/v1/credentials".to_owned(),
+            Server::Nginx => {
+                if nginx.is_none() {
+                    nginx = Some(Nginx::start(&node, &pod, &fake, &token)?);
+                }
+                format!("http://169.254.170.23:{NGINX_PORT}/v1/credentials")
+            }
         };
-        let agent = AgentProcess::start(
-            &node,
-            &fake,
-            args.args(["--global-request-rate", "0"])
-                .args(scenario.agent.iter().copied()),
-        )?;
+        let audit_path = node.dir().join("bench-audit.log");
+        let agent = match scenario.server {
+            Server::Nginx => None,
+            Server::Agent => {
+                let mut args = AgentArgs {
+                    cgroup_root: scenario.ebpf,
+                    ..AgentArgs::default()
+                };
+                if scenario.audit {
+                    args = args.audit_log(&audit_path);
+                }
+                Some(AgentProcess::start(
+                    &node,
+                    &fake,
+                    args.args(["--global-request-rate", "0"])
+                        .args(scenario.agent.iter().copied()),
+                )?)
+            }
+        };
         let calls_before = fake.calls();
         // Warm the cache (and the connection path) before measuring.
-        wrk(&pod, &token, scenario, 1)?;
-        let measured = wrk(&pod, &token, scenario, seconds)?;
+        wrk(&pod, &token, &url, scenario, 1)?;
+        let measured = wrk(&pod, &token, &url, scenario, seconds)?;
         let upstream_calls = fake.calls() - calls_before;
-        agent.stop()?;
-        rows.push((scenario.name, measured, upstream_calls));
+        if let Some(agent) = agent {
+            let dropped = agent
+                .metric("pod_identity_audit_dropped_total")
+                .unwrap_or(0.0);
+            agent.stop()?;
+            if scenario.audit {
+                let written = audit_lines(&audit_path)?;
+                eprintln!("   audit: {written} records written, {dropped} dropped");
+                remove_audit_files(&audit_path);
+            }
+        }
+        rows.push((scenario, measured, upstream_calls));
+    }
+    drop(nginx);
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("throughput") {
+        println!("{}", throughput_table(&rows, seconds));
+        return Ok(());
     }
 
     eprintln!("== connect path of unrelated connections ({CONNECT_ROUNDS} rounds per mode)");
@@ -155,29 +256,16 @@ fn run() -> Result<()> {
         "== cold bursts: pods' first requests at once, EKS Auth limited to {BURST_EKS_AUTH_RATE}/s"
     );
     let bursts = measure_bursts(&node)?;
-
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let mut table = format!(
-        "wrk, 1 thread, 16 connections, {seconds} s per scenario, from a pod's netns and cgroup; agent and wrk share {} cores ({cpu}).\n\n\
-         | scenario | requests/s | p50 | p99 | non-2xx | socket errors | EKS Auth calls |\n|---|---:|---:|---:|---:|---|---:|\n",
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    eprintln!(
+        "== footprint: start to ready, RSS idle and with {FOOTPRINT_IDENTITIES} identities cached ({FOOTPRINT_ROUNDS} rounds)"
     );
-    for (name, m, calls) in &rows {
-        table.push_str(&format!(
-            "| {name} | {:.0} | {} | {} | {} | {} | {calls} |\n",
-            m.requests_per_sec, m.p50, m.p99, m.non_2xx, m.errors
-        ));
-    }
+    let footprint = measure_footprints(&node, &fake, &pod)?;
+
+    let mut table = throughput_table(&rows, seconds);
     table.push_str(&connect_path_table(&connect_path));
     table.push_str(&program_run_time_table(&per_program));
     table.push_str(&burst_table(&bursts));
+    table.push_str(&footprint_table(&footprint));
     println!("{table}");
     if let Some(out) = out {
         let date = std::process::Command::new("date")
@@ -195,6 +283,53 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// The wrk rows, with each agent row's ratio to nginx in the same connection mode.
+fn throughput_table(rows: &[(&Scenario, Measured, u64)], seconds: u64) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mut table = format!(
+        "wrk, 1 thread, 16 connections, {seconds} s per scenario, from a pod's netns and cgroup; agent and wrk share {} cores ({cpu}).\n\n\
+         nginx ({nginx_version}, {} worker processes, `return 200` of the agent's body from its configuration, no access log) \
+         serves the same bytes from the same node to the same pod; \"vs nginx\" is the row's requests/s over nginx's in the same connection mode.\n\n\
+         | scenario | requests/s | vs nginx | p50 | p99 | non-2xx | socket errors | EKS Auth calls |\n|---|---:|---:|---:|---:|---:|---|---:|\n",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        nginx_version = nginx_version(),
+    );
+    let nginx_rps = |per_request: bool| {
+        rows.iter()
+            .find(|(s, _, _)| {
+                s.server == Server::Nginx && s.new_connection_per_request == per_request
+            })
+            .map(|(_, m, _)| m.requests_per_sec)
+    };
+    for (scenario, m, calls) in rows {
+        let ratio = match (
+            scenario.server,
+            nginx_rps(scenario.new_connection_per_request),
+        ) {
+            (Server::Agent, Some(n)) if n > 0.0 => format!("{:.2}×", m.requests_per_sec / n),
+            (Server::Nginx, _) => "1.00×".to_owned(),
+            _ => "-".to_owned(),
+        };
+        let calls = match scenario.server {
+            Server::Agent => calls.to_string(),
+            Server::Nginx => "-".to_owned(),
+        };
+        table.push_str(&format!(
+            "| {} | {:.0} | {ratio} | {} | {} | {} | {} | {calls} |\n",
+            scenario.name, m.requests_per_sec, m.p50, m.p99, m.non_2xx, m.errors
+        ));
+    }
+    table
+}
+
 fn which(program: &str) -> Result<()> {
     let found = std::process::Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
@@ -207,7 +342,7 @@ fn which(program: &str) -> Result<()> {
     Ok(())
 }
 
-fn wrk(pod: &Pod, token: &str, scenario: &Scenario, seconds: u64) -> Result<Measured> {
+fn wrk(pod: &Pod, token: &str, url: &str, scenario: &Scenario, seconds: u64) -> Result<Measured> {
     let mut cmd = pod.command("wrk");
     cmd.args(["-t1", "-c16", "--latency", "--timeout", "2s"])
         .arg(format!("-d{seconds}s"))
@@ -216,7 +351,7 @@ fn wrk(pod: &Pod, token: &str, scenario: &Scenario, seconds: u64) -> Result<Meas
     if scenario.new_connection_per_request {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg("http://169.254.170.23/v1/credentials");
+    cmd.arg(url);
     let output = cmd.output().context("running wrk")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
@@ -651,6 +786,355 @@ fn burst_table(reports: &[e2e::burst::BurstReport]) -> String {
             ms(r.percentile(99)),
             ms(r.percentile(100)),
             ms(r.all_issued_after),
+        ));
+    }
+    table
+}
+
+/// nginx in the node's network namespace, answering `GET /v1/credentials` with the body the agent
+/// serves the bench pod (fetched once from the agent), as fast as nginx can: from its
+/// configuration, no file, no access log, one worker per core.
+struct Nginx {
+    child: std::process::Child,
+}
+
+impl Nginx {
+    fn start(
+        node: &SimNode,
+        pod: &Pod,
+        fake: &e2e::fake_eks_auth::FakeEksAuth,
+        token: &str,
+    ) -> Result<Nginx> {
+        which("nginx")?;
+        let body = {
+            let agent = AgentProcess::start(node, fake, AgentArgs::default())?;
+            let request = e2e::clients::RawRequest::get("/v1/credentials")
+                .host("169.254.170.23")
+                .authorization(token)
+                .to_bytes();
+            let addr = SocketAddr::from((e2e::node::AGENT_V4, 80));
+            let response = pod
+                .netns()
+                .run(|| e2e::clients::raw_http(addr, &request, Duration::from_secs(5)))??;
+            agent.stop()?;
+            if response.status != 200 {
+                bail!("the agent answered {} to the bench pod", response.status);
+            }
+            response.body_text()
+        };
+        if body.contains('\'') || body.contains('\\') {
+            bail!("the body cannot be quoted in nginx's configuration: {body:?}");
+        }
+        let dir = node.dir().join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nworker_processes {workers};\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 75s;\n\
+             client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
+             uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+             server {{\n    listen {NGINX_PORT};\n\
+             location = /v1/credentials {{ default_type application/json; return 200 '{body}'; }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        // The agent's address stays on the node's link after the agent stops.
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                node.netns().name(),
+                "nginx",
+                "-e",
+                "stderr",
+                "-p",
+            ])
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Nginx { child };
+        let addr = SocketAddr::from((e2e::node::AGENT_V4, NGINX_PORT));
+        let request = e2e::clients::RawRequest::get("/v1/credentials")
+            .host("169.254.170.23")
+            .to_bytes();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = pod
+                .netns()
+                .run(|| e2e::clients::raw_http(addr, &request, Duration::from_secs(1)))?;
+            match answer {
+                Ok(r) if r.status == 200 && r.body_text() == body => return Ok(nginx),
+                Ok(r) => bail!("nginx answered {}: {}", r.status, r.body_text()),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                    return Err(e.context(format!("nginx did not answer; its log:\n{log}")));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: fast shutdown of the master and its workers.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_version() -> String {
+    std::process::Command::new("nginx")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .strip_prefix("nginx version: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "nginx".to_owned())
+}
+
+/// Lines in the audit log and its rotated files.
+fn audit_lines(path: &std::path::Path) -> Result<usize> {
+    let mut lines = 0;
+    for n in 0..=5 {
+        let file = if n == 0 {
+            path.to_path_buf()
+        } else {
+            std::path::PathBuf::from(format!("{}.{n}", path.display()))
+        };
+        match std::fs::read(&file) {
+            Ok(bytes) => lines += bytes.iter().filter(|b| **b == b'\n').count(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        }
+    }
+    Ok(lines)
+}
+
+fn remove_audit_files(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    for n in 1..=5 {
+        let _ = std::fs::remove_file(format!("{}.{n}", path.display()));
+    }
+}
+
+/// Identities cached for the loaded footprint, and rounds of the footprint measurement.
+const FOOTPRINT_IDENTITIES: usize = 2000;
+const FOOTPRINT_ROUNDS: usize = 3;
+
+/// `/proc/<pid>/status` memory lines, in KiB.
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl Rss {
+    fn of(pid: u32) -> Result<Rss> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {key} in /proc/{pid}/status"))
+        };
+        Ok(Rss {
+            total: kib("VmRSS:")?,
+            anon: kib("RssAnon:")?,
+            file: kib("RssFile:")?,
+        })
+    }
+}
+
+/// Where the image's static binary is, when the bench is given it (`cargo xtask bench` does).
+const IMAGE_BIN_ENV: &str = "EKS_POD_IDENTITY_AGENT_IMAGE_BIN";
+
+/// The footprint of the release binary (glibc), and of the image's (musl, mimalloc) when given.
+fn measure_footprints(
+    node: &SimNode,
+    fake: &e2e::fake_eks_auth::FakeEksAuth,
+    pod: &Pod,
+) -> Result<Vec<(&'static str, Footprint)>> {
+    let mut all = vec![(
+        "release build (glibc, its malloc)",
+        measure_footprint(node, fake, pod)?,
+    )];
+    if let Some(image_bin) = std::env::var_os(IMAGE_BIN_ENV) {
+        let glibc_bin = std::env::var_os("EKS_POD_IDENTITY_AGENT_BIN");
+        // SAFETY: no other thread of the bench runs now (every measurement joined its threads),
+        // and the harness reads the variable only when it starts an agent, from this thread.
+        unsafe { std::env::set_var("EKS_POD_IDENTITY_AGENT_BIN", &image_bin) };
+        let image = measure_footprint(node, fake, pod);
+        match glibc_bin {
+            // SAFETY: as above.
+            Some(bin) => unsafe { std::env::set_var("EKS_POD_IDENTITY_AGENT_BIN", bin) },
+            // SAFETY: as above.
+            None => unsafe { std::env::remove_var("EKS_POD_IDENTITY_AGENT_BIN") },
+        }
+        all.push(("image's binary (musl, static, mimalloc)", image?));
+    }
+    Ok(all)
+}
+
+struct Footprint {
+    ready_ms: Vec<f64>,
+    idle: Vec<Rss>,
+    loaded: Vec<Rss>,
+    /// Tasks (threads) of the agent once loaded.
+    threads: u64,
+}
+
+/// Start to ready (spawn of `server` to the first 200 of `/readyz`, polled every 2 ms), RSS once
+/// ready and settled, and RSS with [`FOOTPRINT_IDENTITIES`] pods' tokens cached (each a distinct
+/// pod of one association, fetched through the agent from the bench pod, 16 at a time).
+fn measure_footprint(
+    node: &SimNode,
+    fake: &e2e::fake_eks_auth::FakeEksAuth,
+    pod: &Pod,
+) -> Result<Footprint> {
+    let tokens: Vec<Vec<u8>> = (0..FOOTPRINT_IDENTITIES)
+        .map(|i| {
+            let spec = e2e::fake_eks_auth::TokenSpec::new("bench", "loader")
+                .pod(
+                    &format!("footprint-{i}"),
+                    &format!("00000000-0000-4000-8000-{i:012}"),
+                )
+                .node(node.name(), node.uid());
+            let token = fake.issue_token(&spec)?;
+            Ok(e2e::clients::RawRequest::get("/v1/credentials")
+                .host("169.254.170.23")
+                .authorization(&token)
+                .to_bytes())
+        })
+        .collect::<Result<_>>()?;
+    let mut footprint = Footprint {
+        ready_ms: Vec::new(),
+        idle: Vec::new(),
+        loaded: Vec::new(),
+        threads: 0,
+    };
+    for _ in 0..FOOTPRINT_ROUNDS {
+        let (agent, ready) = AgentProcess::start_timed(
+            node,
+            fake,
+            AgentArgs::default().args(["--global-request-rate", "0"]),
+        )?;
+        footprint.ready_ms.push(ready.as_secs_f64() * 1e3);
+        let pid = agent.pid().context("the agent's pid")?;
+        std::thread::sleep(Duration::from_secs(2));
+        footprint.idle.push(Rss::of(pid)?);
+
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let addr = SocketAddr::from((e2e::node::AGENT_V4, 80));
+        let failures: usize = pod.netns().run(|| {
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..16)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut failed = 0;
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(request) = tokens.get(i) else {
+                                    return failed;
+                                };
+                                // 429 while the admission path paces the cold fetches: ask again.
+                                let deadline = Instant::now() + Duration::from_secs(60);
+                                loop {
+                                    match e2e::clients::raw_http(
+                                        addr,
+                                        request,
+                                        Duration::from_secs(5),
+                                    ) {
+                                        Ok(r) if r.status == 200 => break,
+                                        _ if Instant::now() < deadline => {
+                                            std::thread::sleep(Duration::from_millis(100));
+                                        }
+                                        _ => {
+                                            failed += 1;
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap_or(1)).sum()
+            })
+        })?;
+        if failures > 0 {
+            bail!("{failures} of {FOOTPRINT_IDENTITIES} identities got no credentials");
+        }
+        let cached = agent.metric("pod_identity_cache_entries")?;
+        if cached < FOOTPRINT_IDENTITIES as f64 {
+            bail!("only {cached} of {FOOTPRINT_IDENTITIES} identities are cached");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        footprint.loaded.push(Rss::of(pid)?);
+        footprint.threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count() as u64;
+        agent.stop()?;
+    }
+    Ok(footprint)
+}
+
+fn footprint_table(footprints: &[(&str, Footprint)]) -> String {
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mib = |v: &[Rss], pick: fn(&Rss) -> u64| {
+        median(v.iter().map(|r| pick(r) as f64 / 1024.0).collect())
+    };
+    let mut table = format!(
+        "\n\nFootprint: the agent started by the harness with default flags and eBPF attached; medians of \
+         {FOOTPRINT_ROUNDS} fresh agents per binary. Start to ready: `server` spawned to the first 200 of \
+         `/readyz` (polled every 2 ms). RSS is `VmRSS` of `/proc/<pid>/status` 2 s after ready, and 2 s after \
+         {FOOTPRINT_IDENTITIES} pods' tokens (one association, 1 KiB session tokens as STS issues) were fetched \
+         and cached; in parentheses, anonymous memory (heap, stacks) + file-backed pages (the executable's \
+         pages mapped, clean and shared with the page cache).\n\n\
+         | binary | start to ready | RSS idle (anon + file) | RSS, {FOOTPRINT_IDENTITIES} identities cached (anon + file) | threads | rounds, idle / loaded (MiB) |\n\
+         |---|---:|---:|---:|---:|---|\n"
+    );
+    for (name, f) in footprints {
+        let rounds = |v: &[Rss]| {
+            v.iter()
+                .map(|r| format!("{:.1}", r.total as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let rss = |v: &[Rss]| {
+            format!(
+                "{:.1} MiB ({:.1} + {:.1})",
+                mib(v, |r| r.total),
+                mib(v, |r| r.anon),
+                mib(v, |r| r.file)
+            )
+        };
+        table.push_str(&format!(
+            "| {name} | {:.0} ms | {} | {} | {} | {} / {} |\n",
+            median(f.ready_ms.clone()),
+            rss(&f.idle),
+            rss(&f.loaded),
+            f.threads,
+            rounds(&f.idle),
+            rounds(&f.loaded),
         ));
     }
     table

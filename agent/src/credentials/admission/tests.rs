@@ -47,6 +47,24 @@ async fn a_burst_goes_at_once_then_calls_are_paced_at_the_rate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_bucket_a_hair_short_of_a_token_waits_for_time_to_move_on() {
+    // Found by the fault storm: floating point left the bucket at 0.9999999999999999 tokens, the
+    // wait for the rest rounded to zero, and under the paused clock the dispatcher spun for ever.
+    let admission = Admission::new(config(), gauges());
+    admission_times(&admission, 20).await;
+    let ticket = admission.enqueue(Class::Cold).unwrap();
+    {
+        let mut s = admission.shared.lock();
+        s.tokens = 1.0 - f64::EPSILON;
+        s.refilled = Instant::now();
+    }
+    let wait = admission.shared.step();
+    assert!(wait >= Some(Duration::from_millis(1)), "{wait:?}");
+    let admitted = tokio::time::timeout(Duration::from_secs(1), ticket.admitted()).await;
+    assert!(matches!(admitted, Ok(Some(_))));
+}
+
+#[tokio::test(start_paused = true)]
 async fn renewals_wait_until_no_cold_call_does() {
     let admission = Admission::new(config(), gauges());
     // Spend the burst.
