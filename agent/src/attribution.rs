@@ -407,7 +407,7 @@ impl Drop for ConnectionSlot {
 mod tests {
     use super::*;
     use crate::cgroup::{PodCgroup, Qos};
-    use crate::token::{KubernetesClaims, NamedObject};
+    use crate::token::{KubernetesClaims, Named, NamedObject};
 
     const POD: &str = "0b5e3c2a-1111-4222-8333-444455556666";
 
@@ -420,9 +420,8 @@ mod tests {
                     name: Some("cart".into()),
                     uid: Some(uid.into()),
                 }),
-                node: node.map(|n| NamedObject {
+                node: node.map(|n| Named {
                     name: Some(n.into()),
-                    uid: None,
                 }),
                 ..KubernetesClaims::default()
             }),

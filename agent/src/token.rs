@@ -32,7 +32,9 @@ pub enum TokenError {
     WrongAudience,
 }
 
-/// The claims of a projected service-account token that the agent uses.
+/// The claims of a projected service-account token that the agent uses, and only those: they are
+/// kept with every cached token (others, such as `sub` or the service account's and node's UIDs,
+/// are skipped when parsing).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub exp: i64,
@@ -42,8 +44,6 @@ pub struct Claims {
     pub iat: Option<i64>,
     #[serde(default)]
     pub aud: Audience,
-    #[serde(default)]
-    pub sub: Option<String>,
     #[serde(default)]
     pub jti: Option<String>,
     #[serde(default, rename = "kubernetes.io")]
@@ -76,11 +76,18 @@ pub struct KubernetesClaims {
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
-    pub serviceaccount: Option<NamedObject>,
+    pub serviceaccount: Option<Named>,
     #[serde(default)]
     pub pod: Option<NamedObject>,
     #[serde(default)]
-    pub node: Option<NamedObject>,
+    pub node: Option<Named>,
+}
+
+/// A `{name, uid}` reference of which only the name is used.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Named {
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A `{name, uid}` reference.

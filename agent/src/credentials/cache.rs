@@ -233,26 +233,44 @@ impl StateCounters {
 }
 
 /// Whose credentials an entry holds: the pod its token names, and the namespace and service
-/// account. Taken from a verified entry's claims (EKS Auth accepted the token, so they are
-/// genuine).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Identity {
-    pod_uid: Arc<str>,
-    namespace: Arc<str>,
-    service_account: Arc<str>,
-}
+/// account. Read from a verified entry's claims (EKS Auth accepted the token, so they are
+/// genuine), shared rather than copied; compared and hashed by those three names.
+#[derive(Debug, Clone)]
+struct Identity(Arc<Claims>);
 
 impl Identity {
-    fn of_claims(claims: &Claims, pod_uid: &str) -> Option<Identity> {
-        Some(Identity {
-            pod_uid: Arc::from(pod_uid),
-            namespace: Arc::from(claims.namespace()?),
-            service_account: Arc::from(claims.service_account()?),
-        })
+    /// The identity `claims` name, if they name a pod, a namespace and a service account.
+    fn of_claims(claims: &Arc<Claims>) -> Option<Identity> {
+        let identity = Identity(claims.clone());
+        identity.names()?;
+        Some(identity)
     }
 
     fn of(entry: &Entry) -> Option<Identity> {
-        Identity::of_claims(&entry.claims, entry.claims.pod_uid()?)
+        Identity::of_claims(&entry.claims)
+    }
+
+    /// Pod UID, namespace, service account.
+    fn names(&self) -> Option<(&str, &str, &str)> {
+        Some((
+            self.0.pod_uid()?,
+            self.0.namespace()?,
+            self.0.service_account()?,
+        ))
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        self.names() == other.names()
+    }
+}
+
+impl Eq for Identity {}
+
+impl std::hash::Hash for Identity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.names().hash(state);
     }
 }
 
@@ -506,7 +524,11 @@ impl<R: Retriever> CredentialCache<R> {
     ) -> Option<Served> {
         let inner = &self.inner;
         let entries = inner.entries.as_ref()?;
-        let identity = Identity::of_claims(&claims, pod_uid)?;
+        // The pod the kernel saw must be the one the token names.
+        if claims.pod_uid() != Some(pod_uid) {
+            return None;
+        }
+        let identity = Identity::of_claims(&claims)?;
         let verified = lock(&inner.identities).get(&identity)?.upgrade()?;
         let issued = verified.issued();
         if verified.retired.load(Ordering::Relaxed) || !inner.usable(&issued) {
@@ -523,8 +545,8 @@ impl<R: Retriever> CredentialCache<R> {
             inner.schedule_renewal(&alias, inner.backoff(0));
             tracing::warn!(
                 pod_uid,
-                namespace = identity.namespace.as_ref(),
-                service_account = identity.service_account.as_ref(),
+                namespace = alias.claims.namespace(),
+                service_account = alias.claims.service_account(),
                 "EKS Auth failed for a rotated token; serving the pod's cached credentials"
             );
         }

@@ -94,7 +94,9 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "cache hit, keep-alive, eBPF on, audit log on",
         server: Server::Agent,
-        agent: &[],
+        // The default size bound (100 MiB), with room for every rotated file of the run: all the
+        // records are counted afterwards.
+        agent: &["--audit-log-max-backups", "100"],
         audit: true,
         ebpf: true,
         new_connection_per_request: false,
@@ -908,28 +910,27 @@ fn nginx_version() -> String {
         .unwrap_or_else(|| "nginx".to_owned())
 }
 
+/// The audit log and its rotated files (`PATH`, `PATH.1`, … up to the first missing one).
+fn audit_files(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::iter::once(path.to_path_buf())
+        .chain((1..).map(|n| std::path::PathBuf::from(format!("{}.{n}", path.display()))))
+        .take_while(|file| file.exists())
+        .collect()
+}
+
 /// Lines in the audit log and its rotated files.
 fn audit_lines(path: &std::path::Path) -> Result<usize> {
     let mut lines = 0;
-    for n in 0..=5 {
-        let file = if n == 0 {
-            path.to_path_buf()
-        } else {
-            std::path::PathBuf::from(format!("{}.{n}", path.display()))
-        };
-        match std::fs::read(&file) {
-            Ok(bytes) => lines += bytes.iter().filter(|b| **b == b'\n').count(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
-        }
+    for file in audit_files(path) {
+        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        lines += bytes.iter().filter(|b| **b == b'\n').count();
     }
     Ok(lines)
 }
 
 fn remove_audit_files(path: &std::path::Path) {
-    let _ = std::fs::remove_file(path);
-    for n in 1..=5 {
-        let _ = std::fs::remove_file(format!("{}.{n}", path.display()));
+    for file in audit_files(path) {
+        let _ = std::fs::remove_file(file);
     }
 }
 
