@@ -65,7 +65,7 @@ pub struct AuditEvent {
     pub claims: Option<Arc<Claims>>,
     /// `match`, `mismatch`, `unattributed` or `off`.
     pub binding: &'static str,
-    /// The credentials served (allowed requests), or EKS Auth's answer that was refused.
+    /// The credentials served: only for allowed requests.
     pub issued: Option<Arc<Issued>>,
 }
 
@@ -122,8 +122,8 @@ impl AuditEvent {
             binding: self.binding,
             role_arn: association.and_then(|a| non_empty(&a.role_arn)),
             association_id: association.and_then(|a| non_empty(&a.association_id)),
-            credentials: match (self.outcome, &self.issued, self.lookup) {
-                ("allowed", Some(issued), Some(lookup)) => Some(ServedCredentials {
+            credentials: match (&self.issued, self.lookup) {
+                (Some(issued), Some(lookup)) => Some(ServedCredentials {
                     access_key_id: issued.credentials.access_key_id.clone(),
                     assumed_role_arn: non_empty(&issued.association.assumed_role_arn),
                     expiration: humantime::format_rfc3339_seconds(issued.credentials.expiration)

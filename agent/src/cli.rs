@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    AdmissionConfig, AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig,
-    KubernetesConfig, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
+    AttributionConfig, AuditRotation, AuditSink, CacheConfig, InitializeConfig, KubernetesConfig,
+    RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 
@@ -211,20 +211,13 @@ impl ServerArgs {
             cache: CacheConfig {
                 max_entries: self.max_cache_size,
                 max_retention: self.max_credential_retention_before_renewal,
-                renew_before_expiry: Duration::from_secs(70 * 60),
-                min_remaining: Duration::from_secs(15),
                 renewals_per_second: self.max_service_qps,
-                renewal_jitter: Duration::from_secs(5 * 60),
-                retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-                admission: AdmissionConfig::default(),
+                ..CacheConfig::default()
             },
             upstream: UpstreamConfig {
                 endpoint: self.endpoint,
                 rotate_credentials: self.rotate_credentials,
-                connect_timeout: Duration::from_millis(300),
-                attempt_timeout: Duration::from_millis(400),
-                call_timeout: Duration::from_millis(900),
-                max_attempts: 3,
+                ..UpstreamConfig::default()
             },
             attribution: AttributionConfig {
                 cgroup_root: self.cgroup_root,
@@ -444,6 +437,16 @@ mod tests {
         assert_eq!(c.cache.max_entries, 2000);
         assert_eq!(c.cache.renewals_per_second, 3);
         assert!(c.cache.enabled());
+        // `CacheConfig::default()` (what tests and fuzz targets start from) is what the flags give.
+        let d = CacheConfig::default();
+        assert_eq!(
+            (d.max_entries, d.max_retention, d.renewals_per_second),
+            (
+                c.cache.max_entries,
+                c.cache.max_retention,
+                c.cache.renewals_per_second
+            )
+        );
         assert_eq!(c.attribution.token_binding, TokenBinding::Audit);
         assert_eq!(c.attribution.kubelet_cgroup_root, None);
         assert_eq!(c.attribution.pod_max_connections, 64);

@@ -120,6 +120,23 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// The agent's defaults: `--max-cache-size 2000`, `--max-credential-retention-before-renewal 3h`,
+/// `--max-service-qps 3`, and the fixed renewal schedule.
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 2000,
+            max_retention: Duration::from_secs(3 * 3600),
+            renew_before_expiry: Duration::from_secs(70 * 60),
+            min_remaining: Duration::from_secs(15),
+            renewals_per_second: 3,
+            renewal_jitter: Duration::from_secs(5 * 60),
+            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            admission: AdmissionConfig::default(),
+        }
+    }
+}
+
 impl CacheConfig {
     /// Whether the configuration asks for a cache at all (`--max-cache-size 0` or a zero
     /// retention turn it off, as in the original agent).
@@ -143,6 +160,21 @@ pub struct UpstreamConfig {
     pub call_timeout: Duration,
     /// Attempts per call (first try included) for transient errors.
     pub max_attempts: u32,
+}
+
+/// The agent's defaults: EKS Auth's regional endpoint, the credentials read once, and timeouts
+/// short enough for a pod's SDK to get an answer before it gives up.
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            endpoint: None,
+            rotate_credentials: false,
+            connect_timeout: Duration::from_millis(300),
+            attempt_timeout: Duration::from_millis(400),
+            call_timeout: Duration::from_millis(900),
+            max_attempts: 3,
+        }
+    }
 }
 
 /// Token binding: whether a token must come from the pod it names.

@@ -45,9 +45,7 @@ use http::Request;
 use http_body_util::BodyExt as _;
 use pod_identity_agent::attribution::{Attribution, Caller, Policy};
 use pod_identity_agent::clock::Clock;
-use pod_identity_agent::config::{
-    AdmissionConfig, CacheConfig, RateLimit, TokenBinding, UpstreamConfig,
-};
+use pod_identity_agent::config::{CacheConfig, RateLimit, TokenBinding, UpstreamConfig};
 use pod_identity_agent::credentials::cache::CredentialCache;
 use pod_identity_agent::credentials::eks_auth::EksAuth;
 use pod_identity_agent::http::{CREDENTIALS_PATH, Endpoint};
@@ -427,34 +425,17 @@ const CREDENTIAL_LIFE: Duration = Duration::from_secs(6 * 3600);
 const MIN_REMAINING: Duration = Duration::from_secs(15);
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// `cli.rs`'s defaults (`--max-cache-size` raised above the 2000 identities).
+/// The agent's defaults (`--max-cache-size` raised above the 2000 identities).
 fn cache_config() -> CacheConfig {
     CacheConfig {
         max_entries: 2500,
-        max_retention: Duration::from_secs(3 * 3600),
-        renew_before_expiry: Duration::from_secs(70 * 60),
         min_remaining: MIN_REMAINING,
-        renewals_per_second: 3,
-        renewal_jitter: Duration::from_secs(5 * 60),
-        retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-        admission: AdmissionConfig::default(),
-    }
-}
-
-/// `cli.rs`'s timeouts and retries.
-fn upstream_config() -> UpstreamConfig {
-    UpstreamConfig {
-        endpoint: None,
-        rotate_credentials: false,
-        connect_timeout: Duration::from_millis(300),
-        attempt_timeout: Duration::from_millis(400),
-        call_timeout: Duration::from_millis(900),
-        max_attempts: 3,
+        ..CacheConfig::default()
     }
 }
 
 async fn eks_auth(sky: &Arc<Sky>) -> EksAuth {
-    let sdk_config = EksAuth::loader(&upstream_config())
+    let sdk_config = EksAuth::loader(&UpstreamConfig::default())
         .region(aws_config::Region::new("us-west-2"))
         .credentials_provider(aws_credential_types::Credentials::new(
             "AKIDFAULTSTORM",

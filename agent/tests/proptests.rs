@@ -146,7 +146,7 @@ mod renewal {
                     max_retention: s.retention,
                     renew_before_expiry: s.lead,
                     min_remaining: MIN_REMAINING,
-                    // Paced by a real-time limiter: high enough never to wait in these tests.
+                    // High enough that the renewal pacer never holds these tests up.
                     renewals_per_second: 100_000,
                     renewal_jitter: s.jitter,
                     retry_backoff: s.backoff,

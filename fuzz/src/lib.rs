@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use pod_identity_agent::attribution::{Attribution, Caller, Policy};
 use pod_identity_agent::cgroup::{CgroupInfo, PodCgroup, Qos};
 use pod_identity_agent::clock::Clock;
-use pod_identity_agent::config::{AdmissionConfig, CacheConfig, RateLimit, TokenBinding};
+use pod_identity_agent::config::{CacheConfig, RateLimit, TokenBinding};
 use pod_identity_agent::credentials::cache::CredentialCache;
 use pod_identity_agent::credentials::{Association, Credentials, Issued, Retriever, UpstreamError};
 use pod_identity_agent::http::{CREDENTIALS_PATH, Endpoint, host_ip};
@@ -149,13 +149,7 @@ pub fn endpoint(binding: TokenBinding, clock: Clock, upstream: StandIn) -> Endpo
         upstream,
         CacheConfig {
             max_entries: 16,
-            max_retention: Duration::from_secs(3 * 3600),
-            renew_before_expiry: Duration::from_secs(70 * 60),
-            min_remaining: Duration::from_secs(15),
-            renewals_per_second: 3,
-            renewal_jitter: Duration::from_secs(300),
-            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-            admission: AdmissionConfig::default(),
+            ..CacheConfig::default()
         },
         clock,
         metrics.clone(),

@@ -90,6 +90,9 @@ pub struct AgentArgs {
     /// A command prefix run (inside the node's network namespace) in front of the agent, e.g.
     /// `["setpriv", "--bounding-set=-all,+bpf", "--"]` or `["chroot", "<rootfs>"]`.
     pub wrapper: Vec<OsString>,
+    /// The agent's binary; `None`: [`agent_bin`] (`EKS_POD_IDENTITY_AGENT_BIN` or the workspace's
+    /// debug build).
+    pub bin: Option<PathBuf>,
     /// Run exactly these argvs (after `wrapper`) instead of `<bin> initialize` and
     /// `<bin> server <the flags above>`: a container's `command` + `args` as Kubernetes runs them.
     pub verbatim: Option<Verbatim>,
@@ -115,6 +118,7 @@ impl Default for AgentArgs {
             env_remove: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             wrapper: Vec::new(),
+            bin: None,
             verbatim: None,
         }
     }
@@ -231,7 +235,10 @@ impl AgentProcess {
             Some(v) => (v.initialize.clone(), v.server.clone()),
             // The binary is only needed (and looked for) when the argvs are not given.
             None => {
-                let bin = agent_bin()?.into_os_string();
+                let bin = match &args.bin {
+                    Some(bin) => bin.clone().into_os_string(),
+                    None => agent_bin()?.into_os_string(),
+                };
                 (
                     vec![bin.clone(), "initialize".into()],
                     vec![bin, "server".into()],

@@ -43,8 +43,7 @@ impl UpstreamError {
     /// without one; any other (a garbled answer's, a proxy's) is `UnknownError`, so that answers
     /// cannot grow the label set.
     pub fn code_label(&self) -> &str {
-        let bare = self.code.strip_suffix("Exception").unwrap_or(&self.code);
-        if LABELLED_CODES.contains(&bare) {
+        if LABELLED_CODES.contains(&bare_code(&self.code)) {
             &self.code
         } else {
             "UnknownError"
@@ -80,14 +79,19 @@ impl fmt::Display for UpstreamError {
 
 impl std::error::Error for UpstreamError {}
 
+/// An error code without its `Exception` suffix: EKS Auth's codes come with it or without.
+pub fn bare_code(code: &str) -> &str {
+    code.strip_suffix("Exception").unwrap_or(code)
+}
+
 /// `ThrottlingException` (or `Throttling`).
 pub fn is_throttling_code(code: &str) -> bool {
-    code.strip_suffix("Exception").unwrap_or(code) == "Throttling"
+    bare_code(code) == "Throttling"
 }
 
 /// The codes EKS Auth documents as permanent for a token; everything else is transient.
 pub fn classify(code: &str) -> ErrorClass {
-    match code.strip_suffix("Exception").unwrap_or(code) {
+    match bare_code(code) {
         "AccessDenied" | "ExpiredToken" | "InvalidParameter" | "InvalidRequest"
         | "InvalidToken" | "ResourceNotFound" => ErrorClass::Permanent,
         _ => ErrorClass::Transient,

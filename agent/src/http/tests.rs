@@ -11,7 +11,7 @@ use serde_json::json;
 use super::*;
 use crate::attribution::Policy;
 use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
-use crate::config::{AdmissionConfig, CacheConfig, TokenBinding};
+use crate::config::{CacheConfig, TokenBinding};
 use crate::credentials::{Association, Credentials, UpstreamError};
 use crate::token::unsigned_token;
 
@@ -57,13 +57,7 @@ fn endpoint(
         up.clone(),
         CacheConfig {
             max_entries: 100,
-            max_retention: Duration::from_secs(3 * 3600),
-            renew_before_expiry: Duration::from_secs(70 * 60),
-            min_remaining: Duration::from_secs(15),
-            renewals_per_second: 3,
-            renewal_jitter: Duration::from_secs(300),
-            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-            admission: AdmissionConfig::default(),
+            ..CacheConfig::default()
         },
         Clock::System,
         metrics.clone(),

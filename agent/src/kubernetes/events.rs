@@ -32,6 +32,7 @@ use super::{ApiErrors, KubeApi, Operation};
 use crate::attribution::{Binding, Caller, PodKey};
 use crate::credentials::Retriever;
 use crate::credentials::cache::CredentialCache;
+use crate::credentials::upstream_error::bare_code;
 use crate::http::RequestError;
 use crate::metrics::Metrics;
 use crate::token::{Claims, TokenError};
@@ -183,7 +184,7 @@ pub fn observation(
             };
             (Reason::Throttled, Detail::Throttled(limiter), false)
         }
-        RequestError::Upstream(e) => match e.code.strip_suffix("Exception").unwrap_or(&e.code) {
+        RequestError::Upstream(e) => match bare_code(&e.code) {
             "ResourceNotFound" => (Reason::AssociationNotFound, Detail::None, true),
             "AccessDenied" => (Reason::AccessDenied, Detail::None, true),
             "ExpiredToken" => (Reason::TokenExpired, Detail::None, false),

@@ -975,21 +975,11 @@ fn measure_footprints(
 ) -> Result<Vec<(&'static str, Footprint)>> {
     let mut all = vec![(
         "release build (glibc, its malloc)",
-        measure_footprint(node, fake, pod)?,
+        measure_footprint(node, fake, pod, None)?,
     )];
     if let Some(image_bin) = std::env::var_os(IMAGE_BIN_ENV) {
-        let glibc_bin = std::env::var_os("EKS_POD_IDENTITY_AGENT_BIN");
-        // SAFETY: no other thread of the bench runs now (every measurement joined its threads),
-        // and the harness reads the variable only when it starts an agent, from this thread.
-        unsafe { std::env::set_var("EKS_POD_IDENTITY_AGENT_BIN", &image_bin) };
-        let image = measure_footprint(node, fake, pod);
-        match glibc_bin {
-            // SAFETY: as above.
-            Some(bin) => unsafe { std::env::set_var("EKS_POD_IDENTITY_AGENT_BIN", bin) },
-            // SAFETY: as above.
-            None => unsafe { std::env::remove_var("EKS_POD_IDENTITY_AGENT_BIN") },
-        }
-        all.push(("image's binary (musl, static, mimalloc)", image?));
+        let image = measure_footprint(node, fake, pod, Some(image_bin.into()))?;
+        all.push(("image's binary (musl, static, mimalloc)", image));
     }
     Ok(all)
 }
@@ -1009,6 +999,7 @@ fn measure_footprint(
     node: &SimNode,
     fake: &e2e::fake_eks_auth::FakeEksAuth,
     pod: &Pod,
+    bin: Option<std::path::PathBuf>,
 ) -> Result<Footprint> {
     let tokens: Vec<Vec<u8>> = (0..FOOTPRINT_IDENTITIES)
         .map(|i| {
@@ -1032,11 +1023,12 @@ fn measure_footprint(
         threads: 0,
     };
     for _ in 0..FOOTPRINT_ROUNDS {
-        let (agent, ready) = AgentProcess::start_timed(
-            node,
-            fake,
-            AgentArgs::default().args(["--global-request-rate", "0"]),
-        )?;
+        let args = AgentArgs {
+            bin: bin.clone(),
+            ..AgentArgs::default()
+        };
+        let (agent, ready) =
+            AgentProcess::start_timed(node, fake, args.args(["--global-request-rate", "0"]))?;
         footprint.ready_ms.push(ready.as_secs_f64() * 1e3);
         let pid = agent.pid().context("the agent's pid")?;
         std::thread::sleep(Duration::from_secs(2));

@@ -131,13 +131,8 @@ impl Retriever for Arc<Upstream> {
 fn config(max_entries: u64) -> CacheConfig {
     CacheConfig {
         max_entries,
-        max_retention: Duration::from_secs(3 * 3600),
-        renew_before_expiry: Duration::from_secs(70 * 60),
-        min_remaining: Duration::from_secs(15),
         renewals_per_second: 1000,
-        renewal_jitter: Duration::from_secs(5 * 60),
-        retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
-        admission: crate::config::AdmissionConfig::default(),
+        ..CacheConfig::default()
     }
 }
 
