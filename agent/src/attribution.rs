@@ -39,6 +39,33 @@ pub struct Caller {
     pub cgroup: Option<Arc<CgroupInfo>>,
 }
 
+#[cfg(test)]
+impl Caller {
+    /// A process the kernel placed in a container of pod `pod` (the request path's unit tests).
+    pub(crate) fn in_test_pod(pod: &str) -> Caller {
+        Caller {
+            peer: SocketAddr::from(([169, 254, 200, 1], 40000)),
+            process: Some(ebpf::Caller {
+                cgroup_id: 9,
+                pid: 42,
+                tid: 42,
+                uid: 0,
+                comm: "python3".into(),
+                netns_cookie: 0,
+            }),
+            cgroup: Some(Arc::new(crate::cgroup::CgroupInfo {
+                id: 9,
+                path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
+                pod: Some(crate::cgroup::PodCgroup {
+                    pod_uid: Arc::from(pod),
+                    container_id: Some("x".into()),
+                    qos: crate::cgroup::Qos::Burstable,
+                }),
+            })),
+        }
+    }
+}
+
 impl Caller {
     /// A caller known only by its address.
     pub fn unattributed(peer: SocketAddr) -> Self {

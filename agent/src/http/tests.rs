@@ -10,7 +10,6 @@ use serde_json::json;
 
 use super::*;
 use crate::attribution::Policy;
-use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
 use crate::config::{CacheConfig, TokenBinding};
 use crate::credentials::{Association, Credentials, UpstreamError};
 use crate::token::unsigned_token;
@@ -118,29 +117,6 @@ fn request(method: &str, path: &str, host: &str, auth: Option<&str>) -> Request<
 
 fn anonymous() -> Caller {
     Caller::unattributed("169.254.200.1:40000".parse().unwrap())
-}
-
-fn pod_caller(pod: &str) -> Caller {
-    Caller {
-        peer: "169.254.200.1:40000".parse().unwrap(),
-        process: Some(crate::ebpf::Caller {
-            cgroup_id: 9,
-            pid: 42,
-            tid: 42,
-            uid: 0,
-            comm: "python3".into(),
-            netns_cookie: 0,
-        }),
-        cgroup: Some(Arc::new(CgroupInfo {
-            id: 9,
-            path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
-            pod: Some(PodCgroup {
-                pod_uid: Arc::from(pod),
-                container_id: Some("x".into()),
-                qos: Qos::Burstable,
-            }),
-        })),
-    }
 }
 
 /// A credential request as an SDK sends it, to the agent's IPv4 address.
@@ -281,11 +257,11 @@ async fn enforced_binding_refuses_another_pods_token_and_unattributed_callers() 
     let policy = policy(TokenBinding::Enforce, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let t = token(POD, "cart", "j1");
-    let (status, body) = fetch(&e, &t, &pod_caller("another-pod")).await;
+    let (status, body) = fetch(&e, &t, &Caller::in_test_pod("another-pod")).await;
     assert_eq!(status, 403);
     assert!(body.contains("another-pod"), "{body}");
     assert_eq!(fetch(&e, &t, &anonymous()).await.0, 403);
-    assert_eq!(fetch(&e, &t, &pod_caller(POD)).await.0, 200);
+    assert_eq!(fetch(&e, &t, &Caller::in_test_pod(POD)).await.0, 200);
 }
 
 #[tokio::test]
@@ -294,7 +270,7 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
     let policy = policy(TokenBinding::Audit, no_limit());
     let e = endpoint(&up, policy, no_limit());
     let old = token(POD, "cart", "old");
-    let (status, first) = fetch(&e, &old, &pod_caller(POD)).await;
+    let (status, first) = fetch(&e, &old, &Caller::in_test_pod(POD)).await;
     assert_eq!(status, 200);
     up.script.lock().unwrap().extend([
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
@@ -302,11 +278,11 @@ async fn a_rotated_token_is_served_the_pods_cached_credentials_while_upstream_fa
         UpstreamError::new(503, "ServiceUnavailableException", "down"),
     ]);
     let new = token(POD, "cart", "new");
-    let (status, body) = fetch(&e, &new, &pod_caller(POD)).await;
+    let (status, body) = fetch(&e, &new, &Caller::in_test_pod(POD)).await;
     assert_eq!((status, &body), (200, &first));
     // Not for another service account of the pod, nor for a caller the kernel does not place in it.
     let other_sa = token(POD, "admin", "new2");
-    assert_eq!(fetch(&e, &other_sa, &pod_caller(POD)).await.0, 503);
+    assert_eq!(fetch(&e, &other_sa, &Caller::in_test_pod(POD)).await.0, 503);
     let new3 = token(POD, "cart", "new3");
     assert_eq!(fetch(&e, &new3, &anonymous()).await.0, 503);
 }
@@ -377,7 +353,7 @@ async fn a_pod_over_its_limit_does_not_spend_the_node_wide_allowance() {
     let flooder = token(POD, "cart", "j1");
     let mut statuses = Vec::new();
     for _ in 0..50 {
-        statuses.push(fetch(&e, &flooder, &pod_caller(POD)).await.0);
+        statuses.push(fetch(&e, &flooder, &Caller::in_test_pod(POD)).await.0);
     }
     assert_eq!(statuses[..3], [200, 200, 429]);
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2);
@@ -385,10 +361,10 @@ async fn a_pod_over_its_limit_does_not_spend_the_node_wide_allowance() {
     let neighbour = "11111111-2222-4333-8444-555555555555";
     let t = token(neighbour, "cart", "j2");
     for _ in 0..2 {
-        assert_eq!(fetch(&e, &t, &pod_caller(neighbour)).await.0, 200);
+        assert_eq!(fetch(&e, &t, &Caller::in_test_pod(neighbour)).await.0, 200);
     }
     // And the per-pod key is the kernel's pod: a token naming the neighbour changes nothing.
-    assert_eq!(fetch(&e, &t, &pod_caller(POD)).await.0, 429);
+    assert_eq!(fetch(&e, &t, &Caller::in_test_pod(POD)).await.0, 429);
 }
 
 #[test]

@@ -5,7 +5,6 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use super::*;
-use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
 use crate::credentials::UpstreamError;
 use crate::kubernetes::fake::FakeApi;
 use crate::token::unsigned_token;
@@ -22,29 +21,6 @@ fn claims(pod_uid: &str) -> Claims {
                           "serviceaccount": {"name": "cart", "uid": "s"}}
     })))
     .unwrap()
-}
-
-fn pod_caller(pod: &str) -> Caller {
-    Caller {
-        peer: "169.254.200.1:40000".parse().unwrap(),
-        process: Some(crate::ebpf::Caller {
-            cgroup_id: 9,
-            pid: 42,
-            tid: 42,
-            uid: 0,
-            comm: "python3".into(),
-            netns_cookie: 0,
-        }),
-        cgroup: Some(Arc::new(CgroupInfo {
-            id: 9,
-            path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
-            pod: Some(PodCgroup {
-                pod_uid: Arc::from(pod),
-                container_id: Some("x".into()),
-                qos: Qos::Burstable,
-            }),
-        })),
-    }
 }
 
 fn anonymous() -> Caller {
@@ -69,7 +45,12 @@ fn identity(uid: &str) -> PodIdentity {
 fn served_requests_call_for_nothing() {
     let c = claims(POD_A);
     assert_eq!(
-        observation(Ok(()), Some(&Binding::Match), Some(&c), &pod_caller(POD_A)),
+        observation(
+            Ok(()),
+            Some(&Binding::Match),
+            Some(&c),
+            &Caller::in_test_pod(POD_A)
+        ),
         None
     );
     assert_eq!(observation(Ok(()), None, None, &anonymous()), None);
@@ -78,7 +59,7 @@ fn served_requests_call_for_nothing() {
             Err(&upstream("InternalServerException", 500)),
             Some(&Binding::Match),
             Some(&c),
-            &pod_caller(POD_A)
+            &Caller::in_test_pod(POD_A)
         ),
         None,
         "a transient EKS Auth failure is not the pod's business"
@@ -110,7 +91,7 @@ fn errors_that_prove_eks_auth_checked_the_token_name_the_pod_from_its_claims() {
 fn unverified_outcomes_go_on_the_kernels_pod_or_nowhere() {
     let c = claims(POD_A);
     let expired = RequestError::Token(TokenError::Expired);
-    let o = observation(Err(&expired), None, Some(&c), &pod_caller(POD_A)).unwrap();
+    let o = observation(Err(&expired), None, Some(&c), &Caller::in_test_pod(POD_A)).unwrap();
     assert_eq!(o.reason, Reason::TokenExpired);
     assert_eq!(o.subject, Subject::Kernel(Arc::from(POD_A)));
     assert_eq!(
@@ -124,7 +105,7 @@ fn unverified_outcomes_go_on_the_kernels_pod_or_nowhere() {
         }),
         None,
         None,
-        &pod_caller(POD_B),
+        &Caller::in_test_pod(POD_B),
     )
     .unwrap();
     assert_eq!(o.reason, Reason::Throttled);
@@ -137,7 +118,13 @@ fn a_mismatch_goes_on_the_presenting_pod() {
     let c = claims(POD_A);
     let mismatch = Binding::Mismatch("the token is for another pod".into());
     let refused = RequestError::Binding("x".into());
-    let o = observation(Err(&refused), Some(&mismatch), Some(&c), &pod_caller(POD_B)).unwrap();
+    let o = observation(
+        Err(&refused),
+        Some(&mismatch),
+        Some(&c),
+        &Caller::in_test_pod(POD_B),
+    )
+    .unwrap();
     assert_eq!(o.reason, Reason::TokenBindingMismatch);
     assert_eq!(o.subject, Subject::Kernel(Arc::from(POD_B)));
     assert_eq!(
@@ -149,14 +136,20 @@ fn a_mismatch_goes_on_the_presenting_pod() {
         }
     );
     // Under audit it is served, and still reported.
-    let o = observation(Ok(()), Some(&mismatch), Some(&c), &pod_caller(POD_B)).unwrap();
+    let o = observation(
+        Ok(()),
+        Some(&mismatch),
+        Some(&c),
+        &Caller::in_test_pod(POD_B),
+    )
+    .unwrap();
     assert!(matches!(o.detail, Detail::Mismatch { refused: false, .. }));
     // A verified error for a token presented from another pod is about the presenting pod too.
     let o = observation(
         Err(&upstream("ResourceNotFoundException", 404)),
         None,
         Some(&c),
-        &pod_caller(POD_B),
+        &Caller::in_test_pod(POD_B),
     )
     .unwrap();
     assert_eq!(o.subject, Subject::Kernel(Arc::from(POD_B)));
