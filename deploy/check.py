@@ -371,6 +371,14 @@ def check_original_compat() -> None:
             missing = {k: v for k, v in t["spec"]["template"]["metadata"]["labels"].items() if pod_labels.get(k) != v}
             if missing:
                 problems.append(f"{name}: pod labels lack {missing}")
+            # The SELinux label (hybrid-bottlerocket: spc_t) on both of our containers, as on the original's
+            # server container (its init container is privileged; ours is not, so it needs the label too).
+            label = (t["spec"]["template"]["spec"]["containers"][0].get("securityContext") or {}).get("seLinuxOptions")
+            spec = o["spec"]["template"]["spec"]
+            for container in spec["containers"] + spec.get("initContainers", []):
+                if (container.get("securityContext") or {}).get("seLinuxOptions") != label:
+                    problems.append(f"{name}/{container['name']}: seLinuxOptions "
+                                    f"{(container.get('securityContext') or {}).get('seLinuxOptions')} != the original's {label}")
         report(f"original chart compatibility {fixture.stem}", "; ".join(problems) or None, ", ".join(sorted(ours)))
 
 
