@@ -210,6 +210,19 @@ def check_empty_values(cases: dict[str, dict]) -> None:
             problems.append(f"still rendered: {got}")
         report(f"empty value clears {what}", "; ".join(problems) or None, json.dumps(patch))
 
+    # A map of the user's is merged into those defaults, as Helm merges values (and a null drops a key).
+    for patch, what, field, want in [
+        ({"resources": {"requests": {"cpu": "50m"}}}, "resources", lambda d: server(d)["resources"],
+         {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
+        ({"resources": {"limits": None}}, "resources", lambda d: server(d)["resources"],
+         {"requests": {"cpu": "25m", "memory": "32Mi"}}),
+        ({"podAnnotations": {"example.com/team": "platform"}}, "pod annotations",
+         lambda d: d["spec"]["template"]["metadata"]["annotations"],
+         {"example.com/team": "platform", "prometheus.io/port": "2705", "prometheus.io/scrape": "true"}),
+    ]:
+        got = field(daemonset(render(deep_merge(base, patch))))
+        report(f"a map merges into the default {what}", None if got == want else f"got {got}, want {want}", json.dumps(patch))
+
 
 def check_metrics_port(cases: dict[str, dict]) -> None:
     """As in the original chart: the `metrics` container port (a host port, on the host network) only

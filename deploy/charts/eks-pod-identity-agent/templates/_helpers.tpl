@@ -88,14 +88,21 @@ set.
 {{/*
 Defaults of values whose key is unset (null) in values.yaml: kept here, not there, because Helm merges a
 user's map into the chart's map, so that a user's `{}` could never clear a default given in values.yaml.
-A key present in the values (even `{}`) is the user's choice; absent, the default below.
+Absent from the values (or null): the default. `{}`: nothing. A map: merged into the default, the user's
+keys winning, as Helm would have merged it into values.yaml's.
 Context: dict "values" (a map), "key", "default" (the default, as a YAML string).
 */}}
 {{- define "eks-pod-identity-agent.valueOrDefault" -}}
-{{- if hasKey .values .key -}}
-{{- with index .values .key }}{{ toYaml . }}{{ end -}}
+{{- $default := .default | fromYaml -}}
+{{- if not (hasKey .values .key) -}}
+{{- toYaml $default -}}
 {{- else -}}
-{{- .default | fromYaml | toYaml -}}
+{{- with index .values .key -}}
+{{- $merged := mergeOverwrite $default (deepCopy .) -}}
+{{- /* A key set to null drops the default's (e.g. resources.limits: null), as in Helm's values. */ -}}
+{{- range $name, $value := $merged }}{{ if kindIs "invalid" $value }}{{ $_ := unset $merged $name }}{{ end }}{{ end -}}
+{{- toYaml $merged -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
