@@ -31,6 +31,7 @@ use crate::listener::{self, Accepting, BindError};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
 use crate::probes::{Probes, Readiness};
 use crate::shutdown;
+use crate::validation::{StartError, Validator};
 
 /// How often the kernel's counters are read into the metrics, and idle pods' request allowances
 /// forgotten: in the background, so that a scrape only renders.
@@ -51,6 +52,8 @@ pub enum ServerError {
     EksAuth(#[from] EksAuthSetupError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Validation(#[from] StartError),
 }
 
 /// Why kernel attribution could not be set up.
@@ -137,6 +140,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Some((kubernetes, recorder)) => (Some((kubernetes, names_from_cache(&cache))), recorder),
         None => (None, None),
     };
+    let validator = Validator::start(&config.validation, &config.kubernetes, &metrics).await?;
     let endpoint = Arc::new(
         Endpoint::new(
             cache,
@@ -148,7 +152,8 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             namespaces.clone(),
             clock,
         )
-        .with_events(event_recorder),
+        .with_events(event_recorder)
+        .with_validator(validator),
     );
 
     let mut tasks = JoinSet::new();

@@ -32,6 +32,9 @@ fn kube_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
             ("KUBECONFIG".into(), kubeconfig.display().to_string()),
             ("NODE_NAME".into(), node.name().to_owned()),
         ],
+        // These tests count the agent's API calls: token validation's own (tests/validation.rs)
+        // stay out of them.
+        extra: vec!["--token-validation".into(), "off".into()],
         ..AgentArgs::default()
     }
 }
