@@ -256,7 +256,35 @@ FLAG_VALUES = [
     ({"agent": {"eksAuth": {"callTimeout": "10s"}}}, "--eks-auth-call-timeout", "10s"),
     ({"attribution": {"maxPods": 250}}, "--max-pods", "250"),
     ({"metrics": {"address": "::"}}, "--metrics-address", "::"),
+    ({"tokenValidation": {"audience": "delegate.example"}}, "--token-audience", "delegate.example"),
 ]
+
+
+def check_token_validation(cases: dict[str, dict]) -> None:
+    """Token validation's RBAC, token and state volume come with it, and go with `mode: off`."""
+    base = cases.get("cloud", {})
+    for mode, validating in (("auto", True), ("on", True), ("off", False), (False, False)):
+        objects = documents(as_text(render(deep_merge(base, {"tokenValidation": {"mode": mode}}))))
+        ds = next(d for d in objects if d.get("kind") == "DaemonSet")
+        pod = ds["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        mounts = {m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        bindings = [o for o in objects if o.get("kind") == "ClusterRoleBinding"
+                    and o["roleRef"]["name"] == "system:service-account-issuer-discovery"]
+        want = "off" if mode is False else mode
+        problems = []
+        if [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--token-validation"] != [want]:
+            problems.append(f"--token-validation not {want}: {args}")
+        if pod.get("automountServiceAccountToken") != validating:
+            problems.append(f"automountServiceAccountToken {pod.get('automountServiceAccountToken')}")
+        if (len(bindings) == 1) != validating:
+            problems.append(f"{len(bindings)} issuer-discovery bindings")
+        if (("state" in mounts and "state" in volumes and "--state-dir" in args)) != validating:
+            problems.append(f"state volume {sorted(volumes)} / mounts {sorted(mounts)}")
+        if validating and volumes["state"]["hostPath"]["path"] != "/var/lib/eks-pod-identity-agent":
+            problems.append(f"state hostPath {volumes['state']['hostPath']}")
+        report(f"tokenValidation.mode={mode}: RBAC, token and state volume", "; ".join(problems) or None)
 
 
 def check_flag_values(cases: dict[str, dict]) -> None:
@@ -537,6 +565,7 @@ def main() -> int:
     check_empty_values(cases)
     check_metrics_port(cases)
     check_flag_values(cases)
+    check_token_validation(cases)
     check_schemas(rendered)
     check_original_compat()
     known = known_metrics()
