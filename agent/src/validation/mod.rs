@@ -5,6 +5,7 @@
 //!   signature check of one token.
 //! - [`source`]: where key sets come from, the Kubernetes API server (the seam tests fake).
 //! - [`store`]: the last key set on disk, for a restart while the API server is away.
+//! - [`outcome`]: what a check found, why a token was refused, and the counters of both.
 //!
 //! This module owns the policy: when keys are fetched (at start, and again when a token names a
 //! key the agent does not know, at most once per [`RefreshPolicy::min_interval`], every waiting
@@ -14,6 +15,7 @@
 //! cannot check goes to EKS Auth as before.
 
 pub mod keys;
+pub mod outcome;
 pub mod source;
 pub mod store;
 
@@ -24,12 +26,13 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
-use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::token::{Claims, TokenError};
+use crate::token::Claims;
 pub use keys::{KeySet, SignatureError, TokenHeader};
+use outcome::Counters;
+pub use outcome::{Reason, ValidationError, Verification};
 pub use source::{ApiServer, KeySource, SourceError};
 pub use store::KeyStore;
 
@@ -76,118 +79,11 @@ impl Default for RefreshPolicy {
     }
 }
 
-/// How a token's signature was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verification {
-    /// It verifies with one of the cluster's keys.
-    Signature,
-    /// Not checked (validation off, or no key to check it with): EKS Auth will.
-    Unchecked,
-}
-
-/// Why a token was refused by local validation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ValidationError {
-    #[error("{0}")]
-    Signature(#[from] SignatureError),
-    #[error("the token's key (`kid`) is not one of the cluster's signing keys")]
-    UnknownKey,
-    #[error("{0}")]
-    Claims(TokenError),
-    #[error("token validation is on, but the cluster's signing keys are not available")]
-    NoKeys,
-}
-
-/// The reasons a token fails local checks, as `pod_identity_local_validation_failures_total`
-/// labels them (the audience and claims checks included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Header,
-    NoKeyId,
-    Algorithm,
-    Signature,
-    UnknownKey,
-    Claims,
-    Audience,
-    NoKeys,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::Header,
-        Reason::NoKeyId,
-        Reason::Algorithm,
-        Reason::Signature,
-        Reason::UnknownKey,
-        Reason::Claims,
-        Reason::Audience,
-        Reason::NoKeys,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Header => "header",
-            Reason::NoKeyId => "no_kid",
-            Reason::Algorithm => "algorithm",
-            Reason::Signature => "signature",
-            Reason::UnknownKey => "unknown_key",
-            Reason::Claims => "claims",
-            Reason::Audience => "audience",
-            Reason::NoKeys => "no_keys",
-        }
-    }
-}
-
-impl ValidationError {
-    pub fn reason(&self) -> Reason {
-        match self {
-            ValidationError::Signature(SignatureError::Header) => Reason::Header,
-            ValidationError::Signature(SignatureError::NoKeyId) => Reason::NoKeyId,
-            ValidationError::Signature(SignatureError::Algorithm) => Reason::Algorithm,
-            ValidationError::Signature(SignatureError::Signature) => Reason::Signature,
-            ValidationError::UnknownKey => Reason::UnknownKey,
-            ValidationError::Claims(_) => Reason::Claims,
-            ValidationError::NoKeys => Reason::NoKeys,
-        }
-    }
-}
-
 /// Why validation could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("--token-validation on needs the Kubernetes API (in-cluster or KUBECONFIG)")]
     NoKubernetes(#[source] crate::kubernetes::ClientError),
-}
-
-/// The counters, resolved once.
-struct Counters {
-    success: IntCounter,
-    failure: IntCounter,
-    skipped: IntCounter,
-    reasons: [IntCounter; Reason::ALL.len()],
-    keys: IntGauge,
-    fetched: IntCounter,
-    fetch_failed: IntCounter,
-}
-
-impl Counters {
-    fn new(metrics: &Metrics) -> Self {
-        let result = |r: &str| metrics.local_validation.with_label_values(&[r]);
-        let fetch = |r: &str| metrics.signing_key_fetches.with_label_values(&[r]);
-        Counters {
-            success: result("success"),
-            failure: result("failure"),
-            skipped: result("skipped"),
-            reasons: Reason::ALL.map(|r| {
-                metrics
-                    .local_validation_failures
-                    .with_label_values(&[r.as_str()])
-            }),
-            keys: metrics.signing_keys.clone(),
-            fetched: fetch("ok"),
-            fetch_failed: fetch("error"),
-        }
-    }
 }
 
 /// A fetch of the key set, shared by every request that waits for it.
