@@ -17,8 +17,10 @@ import time
 async def one(host, token, hold, stats):
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, 80), 1.0)
-    except Exception:
+    except Exception as e:
         stats["connect_failed"] += 1
+        kind = type(e).__name__
+        stats["errors"][kind] = stats["errors"].get(kind, 0) + 1
         return
     try:
         writer.write(
@@ -46,7 +48,7 @@ async def main():
     host, path, rate, hold = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
     with open(path) as f:
         tokens = [line.strip() for line in f if line.strip()]
-    stats = {"sent": 0, "connect_failed": 0, "statuses": {}}
+    stats = {"attempted": len(tokens), "sent": 0, "connect_failed": 0, "statuses": {}, "errors": {}}
     start = time.monotonic()
     tasks = []
     for i, token in enumerate(tokens):

@@ -301,10 +301,14 @@ pub fn write_forged_tokens(
 /// What the flooding pod saw.
 #[derive(Debug, Clone, Deserialize)]
 pub struct FloodReport {
+    /// Tokens fired (each on a connection of its own).
+    pub attempted: u64,
     /// Requests sent.
     pub sent: u64,
     /// Connections refused or failed.
     pub connect_failed: u64,
+    /// Failed connections by the error's kind (`PermissionError`: refused by the kernel).
+    pub errors: std::collections::BTreeMap<String, u64>,
     /// Answers within the hold, by status (`unanswered` when none came).
     pub statuses: std::collections::BTreeMap<String, u64>,
     /// How long the flood took.
