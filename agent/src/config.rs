@@ -118,7 +118,7 @@ impl Default for AdmissionConfig {
             decrease_factor: 0.7,
             quiet_reset: Duration::from_secs(30),
             max_queued: 5000,
-            max_queued_per_pod: 32,
+            max_queued_per_pod: 64,
             max_queued_unplaced: 2500,
             wait_deadline: Duration::from_millis(1500),
             sdk_retry_delay: Duration::from_secs(1),
