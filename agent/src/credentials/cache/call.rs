@@ -10,7 +10,9 @@ use prometheus::IntGauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{CallState, FetchError, Fetched, Inner, Kind, Stage, lock};
+use super::{
+    CallState, CredentialCache, FetchError, Fetched, Inner, Kind, Lookup, Served, Stage, lock,
+};
 use crate::credentials::admission::{Class, Outcome, Permit, Share};
 use crate::credentials::{ErrorClass, Issued, Retriever, UpstreamError};
 use crate::token::Claims;
@@ -251,5 +253,108 @@ impl<R: Retriever> Drop for CallGuard<R> {
         {
             calls.remove(&self.token);
         }
+    }
+}
+
+impl<R: Retriever> CredentialCache<R> {
+    /// Credentials for a token [`Self::lookup`] did not find: from the token's upstream call,
+    /// started here or shared with the requests already waiting for it.
+    /// The call waits in `share`'s queue (the pod the kernel saw the caller in), and counts
+    /// against it alone — even after the caller has gone.
+    pub async fn fetch(
+        &self,
+        token: &str,
+        claims: Arc<Claims>,
+        share: Share,
+    ) -> Result<Served, FetchError> {
+        let arrived = Instant::now();
+        let inner = &self.inner;
+        let (Some(entries), Some(refused)) = (&inner.entries, &inner.refused) else {
+            return self.fetch_uncached(token, share, arrived).await;
+        };
+        if let Some((seen, err)) = refused.get(token).await
+            && seen.elapsed() < inner.config.admission.permanent_error_ttl
+        {
+            inner.metrics.permanent_error_hits.inc();
+            return Err(FetchError::Upstream(err));
+        }
+        let (call, lookup) = loop {
+            enum Found {
+                Call(watch::Receiver<CallState>),
+                Started(watch::Receiver<CallState>),
+                Cached,
+            }
+            let found = {
+                let mut calls = lock(&inner.calls);
+                if let Some(call) = calls.get(token) {
+                    Found::Call(call.clone())
+                } else if entries.contains_key(token) {
+                    // Stored by a call that ended since the lookup (which stores, then leaves).
+                    Found::Cached
+                } else {
+                    let key: Arc<str> = Arc::from(token);
+                    let (tx, rx) = watch::channel(CallState {
+                        stage: Stage::Calling,
+                        throttled: None,
+                    });
+                    calls.insert(key.clone(), rx.clone());
+                    // The guard leaves the map with the task, however it ends.
+                    let guard = CallGuard::new(inner, key.clone(), &rx);
+                    let call = inner
+                        .clone()
+                        .call(key, Some(claims.clone()), share.clone(), tx);
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        call.await
+                    });
+                    Found::Started(rx)
+                }
+            };
+            match found {
+                Found::Call(rx) => break (rx, Lookup::Coalesced),
+                Found::Started(rx) => break (rx, Lookup::Miss),
+                Found::Cached => {
+                    if let Some(served) = self.lookup(token).await {
+                        return Ok(served);
+                    }
+                }
+            }
+        };
+        let fetched = inner
+            .wait(call, arrived)
+            .await
+            .inspect_err(|e| inner.count_deferred(e))?;
+        inner.states.lookup(lookup).inc();
+        Ok(Served {
+            issued: fetched.issued,
+            lookup,
+            entry: fetched.entry,
+        })
+    }
+
+    /// Caching off: an upstream call per request, paced all the same, abandoned with the request.
+    async fn fetch_uncached(
+        &self,
+        token: &str,
+        share: Share,
+        arrived: Instant,
+    ) -> Result<Served, FetchError> {
+        let (tx, rx) = watch::channel(CallState {
+            stage: Stage::Calling,
+            throttled: None,
+        });
+        let call = self.inner.clone().call(Arc::from(token), None, share, tx);
+        let fetched = tokio::select! {
+            biased;
+            done = call => done,
+            done = self.inner.wait(rx, arrived) => done,
+        }
+        .inspect_err(|e| self.inner.count_deferred(e))?;
+        self.inner.states.miss.inc();
+        Ok(Served {
+            issued: fetched.issued,
+            lookup: Lookup::Miss,
+            entry: None,
+        })
     }
 }

@@ -8,6 +8,7 @@ use super::call::give_up_at;
 use super::*;
 use crate::credentials::admission::Share;
 use crate::credentials::{Association, Credentials};
+use crate::token::Claims;
 
 /// EKS Auth's throttling: a token bucket.
 struct Bucket {
