@@ -84,8 +84,15 @@ pub struct AdmissionConfig {
     /// After this long without throttling, the rate starts afresh (EKS Auth's limit is shared
     /// with the cluster's other nodes, so what it accepts moves).
     pub quiet_reset: Duration,
-    /// Most first fetches queued; past it a request is refused at once.
+    /// Most first fetches queued in all; past it a request is refused at once, unless it is the
+    /// first of its pod's queue (so a pod's first request always gets a place).
     pub max_queued: usize,
+    /// Most first fetches queued for one pod (by the pod the kernel saw): one pod's flood of
+    /// distinct tokens fills its own queue, nobody else's.
+    pub max_queued_per_pod: usize,
+    /// Most first fetches queued for the callers the kernel could not place, together (with
+    /// attribution off, every caller).
+    pub max_queued_unplaced: usize,
     /// How long a request waits for credentials that are being fetched: less than the SDKs' 2 s
     /// client timeout, so that they get an answer rather than time out.
     pub wait_deadline: Duration,
@@ -113,6 +120,8 @@ impl Default for AdmissionConfig {
             decrease_factor: 0.7,
             quiet_reset: Duration::from_secs(30),
             max_queued: 5000,
+            max_queued_per_pod: 64,
+            max_queued_unplaced: 2500,
             wait_deadline: Duration::from_millis(1500),
             sdk_retry_delay: Duration::from_secs(1),
             throttle_retries: 5,

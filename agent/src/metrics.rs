@@ -81,6 +81,8 @@ pub struct Metrics {
     pub binding: IntCounterVec,
     pub requests_by_namespace: IntCounterVec,
     pub audit_dropped: IntCounter,
+    /// Audit records lost because writing them failed (none of their bytes kept).
+    pub audit_write_failed: IntCounter,
     pub pod_requests_limited: IntCounter,
     /// Connections closed at once because their pod held its maximum of open connections.
     pub pod_connections_refused: IntCounter,
@@ -147,6 +149,11 @@ impl Metrics {
             "Audit records dropped because the audit queue was full.",
         )?;
         registry.register(Box::new(audit_dropped.clone()))?;
+        let audit_write_failed = IntCounter::new(
+            "pod_identity_audit_write_failed_total",
+            "Audit records lost because writing them failed (full disk, I/O error, the file removed and not reopened); each record is written whole or not at all.",
+        )?;
+        registry.register(Box::new(audit_write_failed.clone()))?;
         let pod_requests_limited = IntCounter::new(
             "pod_identity_pod_requests_limited_total",
             "Credential requests refused with 429 by the per-pod request limit.",
@@ -249,6 +256,7 @@ impl Metrics {
                 &["namespace", "code"],
             )?,
             audit_dropped,
+            audit_write_failed,
             pod_requests_limited,
             pod_connections_refused,
             upstream_rate,

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::attribution::{Attribution, Policy};
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditCounters, AuditError, AuditLog};
 use crate::cgroup::{self, CgroupResolver, KubeletLayout};
 use crate::clock::Clock;
 use crate::config::{RateLimit, ServerConfig, TokenBinding};
@@ -122,7 +122,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
                 sink.clone(),
                 config.attribution.audit_rotation,
                 config.attribution.audit_queue,
-                metrics.audit_dropped.clone(),
+                AuditCounters::new(&metrics),
             )?;
             (Some(log), Some(writer))
         }

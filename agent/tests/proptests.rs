@@ -13,6 +13,7 @@ use pod_identity_agent::attribution::{Attribution, Caller, Policy};
 use pod_identity_agent::cgroup::{CgroupInfo, PodCgroup, Qos};
 use pod_identity_agent::clock::Clock;
 use pod_identity_agent::config::{AdmissionConfig, CacheConfig, RateLimit};
+use pod_identity_agent::credentials::admission::Share;
 use pod_identity_agent::credentials::cache::CredentialCache;
 use pod_identity_agent::credentials::{Association, Credentials, Issued, Retriever, UpstreamError};
 use pod_identity_agent::http::RequestError;
@@ -160,7 +161,7 @@ mod renewal {
                 exp: i64::MAX / 2,
                 ..Claims::default()
             });
-            cache.fetch("token", claims).await.unwrap();
+            cache.fetch("token", claims, Share::Unplaced).await.unwrap();
             tokio::time::sleep(horizon).await;
             let calls = upstream.0.calls.lock().unwrap().clone();
             drop(cache);

@@ -265,3 +265,83 @@ pub fn run_burst(
         settled_throttled: fake.throttled() - throttled_before,
     })
 }
+
+/// The forged-token flood's client script.
+#[must_use]
+pub fn forged_flood_script() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/forged_flood.py"
+    ))
+}
+
+/// Writes `n` distinct forged tokens of `spec`, one a line, to `path`: well shaped, with valid
+/// claims (each its own `jti`), so that they pass every check the agent can make, but signed with
+/// a key EKS Auth does not know — it answers `InvalidTokenException`.
+pub fn write_forged_tokens(
+    fake: &FakeEksAuth,
+    spec: &TokenSpec,
+    n: usize,
+    path: &Path,
+) -> Result<()> {
+    let key = jsonwebtoken::EncodingKey::from_secret(b"not the issuer's key");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("e2e".to_owned());
+    let genuine = crate::fake_eks_auth::decode_unverified(&fake.issue_token(spec)?)?;
+    let mut out = String::new();
+    for i in 0..n {
+        let mut claims = genuine.clone();
+        claims.jti = format!("forged-{i}-{}", uuid::Uuid::new_v4());
+        out.push_str(&jsonwebtoken::encode(&header, &claims, &key).context("forging a token")?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// What the flooding pod saw.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FloodReport {
+    /// Tokens fired (each on a connection of its own).
+    pub attempted: u64,
+    /// Requests sent.
+    pub sent: u64,
+    /// Connections refused or failed.
+    pub connect_failed: u64,
+    /// Failed connections by the error's kind (`PermissionError`: refused by the kernel).
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Answers within the hold, by status (`unanswered` when none came).
+    pub statuses: std::collections::BTreeMap<String, u64>,
+    /// How long the flood took.
+    pub seconds: f64,
+}
+
+/// A flood running in the background as `pod`: every token of `tokens` on a new connection to
+/// `host`, `rate` a second, each connection dropped after `hold`.
+pub struct Flood(Child);
+
+impl Flood {
+    pub fn start(pod: &Pod, host: &str, tokens: &Path, rate: u32, hold: Duration) -> Result<Flood> {
+        let mut cmd = pod.command("python3");
+        cmd.arg(forged_flood_script())
+            .arg(host)
+            .arg(tokens)
+            .arg(rate.to_string())
+            .arg(hold.as_secs_f64().to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().map(Flood).context("spawning the flood")
+    }
+
+    /// Waits for the flood to end.
+    pub fn finish(self) -> Result<FloodReport> {
+        let out = self.0.wait_with_output().context("waiting for the flood")?;
+        if !out.status.success() {
+            bail!(
+                "the flood failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("the flood's report")
+    }
+}

@@ -53,11 +53,25 @@ pub struct Association {
 /// One answer from EKS Auth, with the response body the agent serves already rendered: the
 /// cached path sends these bytes as they are. The secret key and the session token are kept only
 /// there (once per entry, not twice).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Issued {
     pub credentials: CredentialsId,
     pub association: Association,
     pub body: Bytes,
+}
+
+/// Never prints the body, which holds the secret key and the session token.
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued")
+            .field("credentials", &self.credentials)
+            .field("association", &self.association)
+            .field(
+                "body",
+                &format_args!("<{} bytes redacted>", self.body.len()),
+            )
+            .finish()
+    }
 }
 
 /// What identifies credentials, without their secrets: for the cache's schedule, the audit log
@@ -157,5 +171,62 @@ mod tests {
             !debug.contains("s3cr3t") && !debug.contains("t0k"),
             "{debug}"
         );
+    }
+
+    /// No type that holds a secret prints it through `Debug`: the credentials, what EKS Auth
+    /// issued (its body holds the secret key and the session token), the audit event that
+    /// carries it, and the token's claims (never the token itself).
+    #[test]
+    fn debug_never_prints_a_secret() {
+        use crate::audit::AuditEvent;
+        use crate::credentials::cache::Lookup;
+        use crate::token::Claims;
+        use base64::Engine as _;
+
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY";
+        let session = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN";
+        let c = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: secret.into(),
+            session_token: session.into(),
+            account_id: "111122223333".into(),
+            expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_629_600),
+        };
+        let issued = std::sync::Arc::new(Issued::new(c.clone(), Association::default()));
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let signature = "c2lnbmF0dXJlLXRoYXQtbXVzdC1uZXZlci1iZS1wcmludGVk";
+        let token = format!(
+            "{}.{}.{signature}",
+            b64(serde_json::json!({"alg": "RS256"})),
+            b64(serde_json::json!({"exp": 4_000_000_000_i64, "aud": "pods.eks.amazonaws.com"}))
+        );
+        let claims = std::sync::Arc::new(Claims::parse(&token).unwrap());
+        let event = AuditEvent {
+            issued: Some(issued.clone()),
+            claims: Some(claims.clone()),
+            lookup: Some(Lookup::Miss),
+            ..AuditEvent::new(
+                SystemTime::UNIX_EPOCH,
+                "169.254.200.1:1234".parse().unwrap(),
+                "allowed",
+                200,
+            )
+        };
+        for debug in [
+            format!("{c:?}"),
+            format!("{issued:?}"),
+            format!("{event:?}"),
+            format!("{claims:?}"),
+        ] {
+            assert!(
+                debug.contains("ASIAEXAMPLE") || debug.contains("Claims"),
+                "{debug}"
+            );
+            for s in [secret, session, signature, token.as_str()] {
+                assert!(!debug.contains(s), "{s} in {debug}");
+            }
+        }
     }
 }

@@ -16,10 +16,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
 
-use crate::attribution::{Attribution, Binding, Caller};
+use crate::attribution::{Attribution, Binding, Caller, PodKey};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
 use crate::config::RateLimit;
+use crate::credentials::admission::Share;
 use crate::credentials::cache::{CredentialCache, FetchError, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::{self, EventRecorder};
@@ -223,7 +224,7 @@ impl<R: Retriever> Endpoint<R> {
 
         let served = match cached {
             Some(served) => served,
-            None => match self.cache.fetch(token, claims.clone()).await {
+            None => match self.cache.fetch(token, claims.clone(), share(caller)).await {
                 Ok(served) => served,
                 Err(e) => match self
                     .rotation_fallback(token, &e, &claims, caller, &binding)
@@ -296,6 +297,14 @@ impl<R: Retriever> Endpoint<R> {
             issued: ex.issued,
             ..AuditEvent::new(self.clock.now(), caller.peer, outcome, status)
         }
+    }
+}
+
+/// Whose queue a cold fetch waits in: the pod the kernel saw, never the token's claim.
+fn share(caller: &Caller) -> Share {
+    match caller.pod_key() {
+        PodKey::Pod(pod) => Share::Pod(pod),
+        PodKey::Unplaced => Share::Unplaced,
     }
 }
 

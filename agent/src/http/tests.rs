@@ -383,3 +383,31 @@ fn host_header_forms() {
         assert_eq!(host_ip(host), ip.map(|i| i.parse().unwrap()), "{host:?}");
     }
 }
+
+/// A token that fails the checks the agent can make (shape, claims, time, audience) is refused
+/// before the cache: no EKS Auth call, no place in the admission queue — a flood of such tokens
+/// costs the neighbours nothing.
+#[tokio::test]
+async fn a_token_failing_local_checks_never_reaches_the_queue_or_eks_auth() {
+    let up = Arc::new(Upstream::default());
+    let e = endpoint(&up, Attribution::off(), no_limit());
+    let now = Clock::System.unix_now();
+    let claims = |exp: i64, nbf: i64, aud: &str| {
+        unsigned_token(&json!({"aud": [aud], "exp": exp, "iat": nbf, "nbf": nbf, "jti": "j"}))
+    };
+    let aud = "pods.eks.amazonaws.com";
+    for bad in [
+        "not-a-jwt".to_owned(),
+        "a.b.c".to_owned(),
+        claims(now - 3600, now - 7200, aud),
+        claims(now + 7200, now + 3600, aud),
+        claims(now + 3600, now, "sts.amazonaws.com"),
+    ] {
+        let (status, body) = fetch(&e, &bad, &Caller::in_test_pod(POD)).await;
+        assert!((400..500).contains(&status), "{bad}: {status} {body}");
+    }
+    assert_eq!(up.calls.load(Ordering::SeqCst), 0);
+    let state = |s: &str| e.metrics.cache_state.with_label_values(&[s]).get();
+    assert_eq!((state("miss"), state("coalesced")), (0, 0));
+    assert_eq!(e.metrics.upstream_deferred.get(), 0);
+}

@@ -4,8 +4,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
 use std::time::SystemTime;
 
+use super::call::give_up_at;
 use super::*;
+use crate::credentials::admission::Share;
 use crate::credentials::{Association, Credentials};
+use crate::token::Claims;
 
 /// EKS Auth's throttling: a token bucket.
 struct Bucket {
@@ -41,6 +44,10 @@ struct Upstream {
     lifetime: Duration,
     delay: Duration,
     clock: Clock,
+    /// The next call panics (a bug in the client, say).
+    panic_next: std::sync::atomic::AtomicBool,
+    /// Tokens starting with this are refused as EKS Auth refuses a forged one.
+    forged_prefix: Option<&'static str>,
 }
 
 impl Upstream {
@@ -69,6 +76,8 @@ impl Upstream {
             lifetime,
             delay,
             clock,
+            panic_next: std::sync::atomic::AtomicBool::new(false),
+            forged_prefix: None,
         })
     }
 
@@ -115,6 +124,17 @@ impl Retriever for Arc<Upstream> {
         if let Some(err) = self.script.lock().unwrap().pop_front() {
             return Err(err);
         }
+        assert!(
+            !self.panic_next.swap(false, Ordering::SeqCst),
+            "the retriever panics"
+        );
+        if self.forged_prefix.is_some_and(|p| token.starts_with(p)) {
+            return Err(UpstreamError::new(
+                400,
+                "InvalidTokenException",
+                "signature",
+            ));
+        }
         Ok(Issued::new(
             Credentials {
                 access_key_id: format!("ASIA{n}"),
@@ -144,7 +164,11 @@ async fn get(
 ) -> Result<Served, FetchError> {
     match cache.lookup(token).await {
         Some(served) => Ok(served),
-        None => cache.fetch(token, claims()).await,
+        None => {
+            cache
+                .fetch(token, claims(), Share::Pod(Arc::from(token)))
+                .await
+        }
     }
 }
 
@@ -548,7 +572,11 @@ async fn the_rotation_fallback_stores_an_alias_that_verifies_itself_once_eks_aut
     // EKS Auth fails for the rotated token.
     up.fail_next("ServiceUnavailableException", 503);
     let rotated = pod_token("p1", "cart", now);
-    let err = cache.fetch("new", rotated.clone()).await.err().unwrap();
+    let err = cache
+        .fetch("new", rotated.clone(), Share::Unplaced)
+        .await
+        .err()
+        .unwrap();
     assert!(err.is_transient());
     // Not for another pod, nor another service account.
     assert!(
@@ -614,14 +642,21 @@ async fn the_in_flight_gauge_survives_abandoned_calls() {
     let metrics = Metrics::new().unwrap();
     // Caching off: the call belongs to the request, and goes with it.
     let uncached = cache_with_metrics(&up, config(0), None, metrics.clone());
-    let abandoned =
-        tokio::time::timeout(Duration::from_millis(500), uncached.fetch("t", subject())).await;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(500),
+        uncached.fetch("t", subject(), Share::Unplaced),
+    )
+    .await;
     assert!(abandoned.is_err());
     assert_eq!(metrics.upstream_in_flight.get(), 0);
     // Caching on: the call outlives the request that gave up, and ends all the same.
     let metrics = Metrics::new().unwrap();
     let cached = cache_with_metrics(&up, config(10), None, metrics.clone());
-    let r = tokio::time::timeout(Duration::from_millis(500), cached.fetch("t", subject())).await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(500),
+        cached.fetch("t", subject(), Share::Unplaced),
+    )
+    .await;
     assert!(r.is_err());
     assert_eq!(metrics.upstream_in_flight.get(), 1);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -772,4 +807,77 @@ async fn a_thousand_pods_at_once_cost_one_call_each_and_little_throttling() {
     eprintln!("{summary}");
     assert!(b.throttled * 10 < b.calls, "{summary}");
     assert!(b.calls <= 1000 + b.throttled, "{summary}");
+}
+
+/// A call task that panics (reproduced with a retriever that panics once) used to leave its token
+/// in `calls` for ever: every later request for it joined the dead call and got 503. The task's
+/// guard now takes the entry with it, and the next request makes a fresh call.
+#[tokio::test(start_paused = true)]
+async fn a_call_that_panics_releases_its_token_for_a_fresh_call() {
+    let up = Upstream::new(Clock::tokio(SystemTime::now()), Duration::from_secs(3600));
+    up.panic_next.store(true, Ordering::SeqCst);
+    let cache = cache(&up, config(10), None);
+    let lost = get(&cache, "t", subject).await.err().unwrap();
+    assert_eq!(upstream_status(lost), 503);
+    assert!(lock(&cache.inner.calls).is_empty());
+    assert_eq!(key_id(&cache, "t").await, ("ASIA2".into(), Lookup::Miss));
+    assert_eq!(up.calls_for("t"), 2);
+}
+
+/// One pod floods distinct forged tokens, far more than EKS Auth's pace, and leaves each request
+/// at once; its calls go on (so that a retry would be a hit) but fill only its own queue. A
+/// neighbour's first request, a cached pod and a renewal are served meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_pod_flooding_forged_tokens_fills_only_its_own_queue() {
+    let clock = Clock::tokio(SystemTime::now());
+    let up = Arc::new(Upstream {
+        forged_prefix: Some("forged-"),
+        ..Arc::into_inner(Upstream::with(
+            clock,
+            Duration::from_secs(3600),
+            Duration::from_millis(20),
+            Some((50.0, 50.0)),
+        ))
+        .unwrap()
+    });
+    let mut cfg = config(100);
+    // Renewed 30 s in: during the flood.
+    cfg.max_retention = Duration::from_secs(30);
+    cfg.renewal_jitter = Duration::ZERO;
+    let cache = cache(&up, cfg.clone(), None);
+    let fetch = {
+        let cache = cache.clone();
+        move |token: String, pod: &str| {
+            let cache = cache.clone();
+            let share = Share::Pod(Arc::from(pod));
+            async move { cache.fetch(&token, subject(), share).await }
+        }
+    };
+    fetch("cached".into(), "cached-pod").await.unwrap();
+    let flood = tokio::spawn({
+        let fetch = fetch.clone();
+        async move {
+            // ~650 a second, for 60 s; each request given up after 80 ms.
+            for i in 0..39_000 {
+                let request = fetch(format!("forged-{i}"), "attacker");
+                tokio::spawn(tokio::time::timeout(Duration::from_millis(80), request));
+                tokio::time::sleep(Duration::from_micros(1538)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let queued = cache.inner.admission.queued();
+    assert!(
+        queued <= cfg.admission.max_queued_per_pod,
+        "{queued} queued"
+    );
+    // The neighbour's first request: answered within its deadline.
+    let started = Instant::now();
+    let neighbour = fetch("neighbour".into(), "neighbour-pod").await;
+    assert!(neighbour.is_ok(), "{:?}", neighbour.err());
+    assert!(started.elapsed() <= cfg.admission.wait_deadline);
+    assert_eq!(key_id(&cache, "cached").await.1, Lookup::Hit);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(up.calls_for("cached"), 2, "renewed during the flood");
+    flood.abort();
 }

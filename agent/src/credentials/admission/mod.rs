@@ -7,13 +7,18 @@
 //!   `ThrottlingException` multiplies the rate by `decrease_factor`, once per round: calls sent
 //!   before the cut cannot cut again. The rate stays within its bounds; after a quiet spell
 //!   without throttling it starts afresh (EKS Auth's limit is shared with other nodes and moves).
-//! - Two queues: pods' first fetches go first; renewals get a turn only when no first fetch waits.
+//! - Fair queues ([`queues`]): pods' first fetches wait in one queue per pod the kernel saw (and
+//!   one for every caller it could not place), each bounded, served round-robin; renewals get a
+//!   turn at the end of each round, and every turn when no first fetch waits. One pod's backlog
+//!   never holds back another pod's first request or the renewals by more than a turn each.
 //! - A waiting call knows its place: [`Admission::eta`] estimates when it will go, from its
-//!   position and the current rate, so a request can decide up front how long to wait.
+//!   place among the turns ahead and the current rate, so a request can decide up front how long
+//!   to wait; a refusal says when the caller's own queue would have room, bounded.
 //!
 //! Mechanism only: it knows nothing of tokens, credentials or HTTP.
 
-use std::collections::VecDeque;
+mod queues;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -23,13 +28,20 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::config::AdmissionConfig;
+pub use queues::{MAX_POD_SHARES, Share};
+use queues::{Queues, Waiting};
+
+/// The longest `Retry-After` a refusal gives: past it an estimate says little (the rate moves).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Which queue a call waits in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Class {
-    /// A pod's first request for a token: someone is waiting.
-    Cold,
-    /// A background renewal: yields to cold calls.
+    /// A pod's first request for a token: someone is waiting. In the queue of the share it
+    /// spends.
+    Cold(Share),
+    /// A background renewal: one turn per round of the first fetches' queues, and every turn
+    /// when no first fetch waits.
     Renewal,
 }
 
@@ -54,8 +66,11 @@ pub struct AdmissionGauges {
 }
 
 /// A place in a queue. Dropping it gives the place up.
+#[derive(Debug)]
 pub struct Ticket {
     seq: u64,
+    /// The queue it waits in (a renewal's: unplaced, never used).
+    share: Share,
     rx: oneshot::Receiver<Permit>,
 }
 
@@ -63,6 +78,12 @@ impl Ticket {
     /// The ticket's number: its place among the cold calls.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The share whose queue it waits in (a pod past [`MAX_POD_SHARES`] waits with the unplaced
+    /// callers).
+    pub fn share(&self) -> &Share {
+        &self.share
     }
 
     /// Waits for the turn. `None`: the admission path has shut down.
@@ -93,19 +114,13 @@ struct Shared {
     gauges: AdmissionGauges,
 }
 
-struct Waiting {
-    seq: u64,
-    tx: oneshot::Sender<Permit>,
-}
-
 struct State {
     rate: f64,
     /// Below it the rate grows by one call per second per accepted call, above it additively.
     threshold: f64,
     tokens: f64,
     refilled: Instant,
-    cold: VecDeque<Waiting>,
-    renewals: VecDeque<Waiting>,
+    queues: Queues,
     next_seq: u64,
     round: u64,
     last_throttle: Option<Instant>,
@@ -128,8 +143,7 @@ impl Admission {
                 threshold: config.max_rate,
                 tokens: config.burst.min(rate).max(1.0),
                 refilled: Instant::now(),
-                cold: VecDeque::new(),
-                renewals: VecDeque::new(),
+                queues: Queues::default(),
                 next_seq: 0,
                 round: 0,
                 last_throttle: None,
@@ -145,49 +159,67 @@ impl Admission {
         Admission { shared, dispatcher }
     }
 
-    /// A place at the back of `class`'s queue. A cold call is refused when the queue is full,
-    /// with the time it would take to drain.
+    /// A place at the back of `class`'s queue. A first fetch is refused when its share's queue
+    /// is full (or, unless it is the share's only call, when every queue together is), with when
+    /// its queue is expected to have room (at most [`MAX_RETRY_AFTER`]).
     pub fn enqueue(&self, class: Class) -> Result<Ticket, Duration> {
+        let config = &self.shared.config;
         let mut s = self.shared.lock();
-        if class == Class::Cold && s.cold.len() >= self.shared.config.max_queued {
-            return Err(Duration::from_secs_f64(s.cold.len() as f64 / s.rate));
-        }
         let seq = s.next_seq;
-        s.next_seq += 1;
         let (tx, rx) = oneshot::channel();
-        match class {
-            Class::Cold => s.cold.push_back(Waiting { seq, tx }),
-            Class::Renewal => s.renewals.push_back(Waiting { seq, tx }),
-        }
+        let share = match class {
+            Class::Cold(share) => {
+                let share = s.queues.placed(share);
+                let len = s.queues.len_of(&share);
+                let cap = match share {
+                    Share::Pod(_) => config.max_queued_per_pod,
+                    Share::Unplaced => config.max_queued_unplaced,
+                };
+                if len >= cap || (len > 0 && s.queues.cold_len() >= config.max_queued) {
+                    let ahead = s.queues.turns_ahead(&share, seq);
+                    let wait = Duration::from_secs_f64(ahead as f64 / s.rate);
+                    return Err(wait.min(MAX_RETRY_AFTER));
+                }
+                s.queues.push_cold(share.clone(), Waiting { seq, tx });
+                share
+            }
+            Class::Renewal => {
+                s.queues.push_renewal(Waiting { seq, tx });
+                Share::Unplaced
+            }
+        };
+        s.next_seq += 1;
         self.shared.publish_queues(&s);
         drop(s);
         self.shared.wake.notify_one();
-        Ok(Ticket { seq, rx })
+        Ok(Ticket { seq, share, rx })
     }
 
-    /// A cold call that was throttled goes again before every cold call queued after it: its
-    /// place is its old number.
-    pub fn requeue(&self, seq: u64) -> Ticket {
+    /// A cold call that was throttled goes again before every call of its share queued after
+    /// it: its place is its old number.
+    pub fn requeue(&self, share: Share, seq: u64) -> Ticket {
         let mut s = self.shared.lock();
         let (tx, rx) = oneshot::channel();
-        let at = s.cold.partition_point(|w| w.seq < seq);
-        s.cold.insert(at, Waiting { seq, tx });
+        s.queues.requeue(share.clone(), Waiting { seq, tx });
         self.shared.publish_queues(&s);
         drop(s);
         self.shared.wake.notify_one();
-        Ticket { seq, rx }
+        Ticket { seq, share, rx }
     }
 
-    /// How long until the cold ticket `seq` is expected to go, at the current rate.
-    pub fn eta(&self, seq: u64) -> Duration {
+    /// How long until the cold ticket `seq` of `share` is expected to go, at the current rate:
+    /// the turns ahead of it (its own queue's, and a turn per round of every other queue).
+    pub fn eta(&self, share: &Share, seq: u64) -> Duration {
         let mut s = self.shared.lock();
         s.refill(Instant::now(), &self.shared.config);
-        let ahead = s
-            .cold
-            .front()
-            .map_or(0, |front| seq.saturating_sub(front.seq));
+        let ahead = s.queues.turns_ahead(share, seq);
         let missing = (ahead as f64 + 1.0 - s.tokens).max(0.0);
         Duration::from_secs_f64(missing / s.rate)
+    }
+
+    /// First fetches waiting, in every queue.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().queues.cold_len()
     }
 
     /// The usual duration of an accepted call.
@@ -247,8 +279,7 @@ impl Drop for Admission {
         self.dispatcher.abort();
         let mut s = self.shared.lock();
         // Dropping the senders fails the waiting tickets.
-        s.cold.clear();
-        s.renewals.clear();
+        s.queues.clear();
         self.shared.publish_queues(&s);
     }
 }
@@ -259,8 +290,10 @@ impl Shared {
     }
 
     fn publish_queues(&self, s: &State) {
-        self.gauges.queued_cold.set(s.cold.len() as i64);
-        self.gauges.queued_renewals.set(s.renewals.len() as i64);
+        self.gauges.queued_cold.set(s.queues.cold_len() as i64);
+        self.gauges
+            .queued_renewals
+            .set(s.queues.renewals_len() as i64);
     }
 
     /// Hands out every turn that is due; returns how long until the next one (`None`: nothing
@@ -272,18 +305,10 @@ impl Shared {
         self.gauges.rate.set(s.rate);
         let st = &mut *s;
         let next = loop {
-            let queue = if !st.cold.is_empty() {
-                &mut st.cold
-            } else if !st.renewals.is_empty() {
-                &mut st.renewals
-            } else {
+            // Drops given-up tickets first: they cost no turn.
+            if !st.queues.ready() {
                 st.saturated = false;
                 break None;
-            };
-            // A ticket given up costs no turn.
-            if queue.front().is_some_and(|w| w.tx.is_closed()) {
-                queue.pop_front();
-                continue;
             }
             if st.tokens < 1.0 {
                 st.saturated = true;
@@ -293,7 +318,7 @@ impl Shared {
                 let wait = Duration::from_secs_f64((1.0 - st.tokens) / st.rate);
                 break Some(wait.max(Duration::from_millis(1)));
             }
-            let Some(waiting) = queue.pop_front() else {
+            let Some(waiting) = st.queues.pop() else {
                 continue;
             };
             let permit = Permit {

@@ -1,0 +1,213 @@
+//! The audit record: the event the request path hands over ([`AuditEvent`]: shared references
+//! and plain values), the record as written ([`AuditRecord`], schema version [`SCHEMA_VERSION`],
+//! documented field by field in `docs/audit-log.md`), and its one-line JSON form ([`to_line`]).
+//! Never a token, a secret key or a session token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::cgroup::CgroupInfo;
+use crate::credentials::Issued;
+use crate::credentials::cache::Lookup;
+use crate::ebpf;
+use crate::token::Claims;
+
+/// One credential request as the request path hands it over: shared references and plain
+/// values, so that queuing it copies a few pointers and formats nothing. The writer thread turns
+/// it into an [`AuditRecord`] ([`AuditEvent::to_record`]).
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub at: SystemTime,
+    pub outcome: &'static str,
+    pub http_status: u16,
+    /// Why the request was refused or failed.
+    pub reason: Option<String>,
+    /// How the credentials were looked up, when they were.
+    pub lookup: Option<Lookup>,
+    pub latency: Duration,
+    pub peer: SocketAddr,
+    /// The process that connected, from the kernel.
+    pub process: Option<ebpf::Caller>,
+    /// Its cgroup, with the pod and container.
+    pub cgroup: Option<Arc<CgroupInfo>>,
+    /// The token's claims as presented.
+    pub claims: Option<Arc<Claims>>,
+    /// `match`, `mismatch`, `unattributed` or `off`.
+    pub binding: &'static str,
+    /// The credentials served: only for allowed requests.
+    pub issued: Option<Arc<Issued>>,
+}
+
+impl AuditEvent {
+    /// A request with nothing found out yet: only when, from where, and its answer.
+    pub fn new(at: SystemTime, peer: SocketAddr, outcome: &'static str, http_status: u16) -> Self {
+        AuditEvent {
+            at,
+            outcome,
+            http_status,
+            reason: None,
+            lookup: None,
+            latency: Duration::ZERO,
+            peer,
+            process: None,
+            cgroup: None,
+            claims: None,
+            binding: "off",
+            issued: None,
+        }
+    }
+
+    /// The record as the log writes it (formatting happens here, on the writer thread).
+    pub fn to_record(&self) -> AuditRecord {
+        let cgroup = self.cgroup.as_deref();
+        let pod = cgroup.and_then(|c| c.pod.as_ref());
+        let process = self.process.as_ref();
+        let association = self.issued.as_ref().map(|i| &i.association);
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        AuditRecord {
+            ts: timestamp(self.at),
+            outcome: self.outcome,
+            http_status: self.http_status,
+            reason: self.reason.clone(),
+            cache: self.lookup.map(Lookup::as_str),
+            latency_us: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
+            caller: CallerRecord {
+                peer: self.peer.to_string(),
+                cgroup_id: process.map(|p| p.cgroup_id),
+                cgroup_path: cgroup.map(|c| c.path.clone()),
+                pod_uid: pod.map(|p| p.pod_uid.to_string()),
+                container_id: pod.and_then(|p| p.container_id.clone()),
+                pid: process.map(|p| p.pid),
+                comm: process.map(|p| p.comm.clone()),
+            },
+            token: self.claims.as_deref().map(|c| TokenRecord {
+                namespace: c.namespace().map(str::to_owned),
+                service_account: c.service_account().map(str::to_owned),
+                pod_name: c.pod_name().map(str::to_owned),
+                pod_uid: c.pod_uid().map(str::to_owned),
+                node_name: c.node_name().map(str::to_owned),
+                jti: c.jti.clone(),
+            }),
+            binding: self.binding,
+            role_arn: association.and_then(|a| non_empty(&a.role_arn)),
+            association_id: association.and_then(|a| non_empty(&a.association_id)),
+            credentials: match (&self.issued, self.lookup) {
+                (Some(issued), Some(lookup)) => Some(ServedCredentials {
+                    access_key_id: issued.credentials.access_key_id.clone(),
+                    assumed_role_arn: non_empty(&issued.association.assumed_role_arn),
+                    expiration: humantime::format_rfc3339_seconds(issued.credentials.expiration)
+                        .to_string(),
+                    source: match lookup {
+                        Lookup::Hit => "cache",
+                        Lookup::Coalesced => "coalesced",
+                        Lookup::Miss => "eks_auth",
+                    },
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One credential request, as the audit log writes it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// RFC 3339, UTC.
+    pub ts: String,
+    /// `allowed`, `denied` (refused by policy or validation) or `error` (upstream failed).
+    pub outcome: &'static str,
+    pub http_status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `hit`, `miss` or `coalesced`, when credentials were looked up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
+    pub latency_us: u64,
+    pub caller: CallerRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenRecord>,
+    /// `match`, `mismatch`, `unattributed` or `off`.
+    pub binding: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+    /// The credentials handed out (allowed requests only): the keys to join the record with
+    /// CloudTrail. Never the secret key or the session token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<ServedCredentials>,
+}
+
+/// The version of the record's schema, written as `v` in every record. It changes only when a
+/// field changes meaning or goes away; new fields may appear in any version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What identifies the credentials a request was given, as CloudTrail records their use.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServedCredentials {
+    /// The access key id (`ASIA…`): CloudTrail's `userIdentity.accessKeyId`. An identifier, not a
+    /// secret.
+    pub access_key_id: String,
+    /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`: CloudTrail's `userIdentity.arn`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assumed_role_arn: Option<String>,
+    /// When the credentials expire, RFC 3339 UTC.
+    pub expiration: String,
+    /// `cache` (served from the cache), `coalesced` (another request's EKS Auth call, shared) or
+    /// `eks_auth` (this request's own call).
+    pub source: &'static str,
+}
+
+/// A record as written: the schema version first, then the record.
+#[derive(Serialize)]
+struct Versioned<'a> {
+    v: u32,
+    #[serde(flatten)]
+    record: &'a AuditRecord,
+}
+
+/// The caller, from the kernel.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CallerRecord {
+    pub peer: String,
+    pub cgroup_id: Option<u64>,
+    pub cgroup_path: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+/// The token's claims as presented (unverified).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    pub node_name: Option<String>,
+    pub jti: Option<String>,
+}
+
+/// The time format of `ts`.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Appends `record` to `line` as the log writes it: one JSON object, the schema version first,
+/// and a newline (the only one: JSON escapes those inside strings).
+///
+/// # Errors
+/// Serialisation failed (it cannot for these types, whose maps all have string keys).
+pub fn to_line(record: &AuditRecord, line: &mut Vec<u8>) -> serde_json::Result<()> {
+    let versioned = Versioned {
+        v: SCHEMA_VERSION,
+        record,
+    };
+    serde_json::to_writer(&mut *line, &versioned)?;
+    line.push(b'\n');
+    Ok(())
+}
