@@ -217,9 +217,17 @@ impl Attribution {
 
     /// An accepted connection: who made it, and whether its pod may hold one more. `None`: the
     /// pod holds its maximum of open connections already; close this one at once.
+    ///
+    /// A connection the kernel left unrecorded (its 4-tuple taken from another namespace, a map
+    /// full) takes no slot: it is kept, so that its request is answered and audited with the
+    /// reason (`no kernel record of the connection`, 403 under `enforce`) rather than closed in
+    /// silence behind whoever fills the unplaced callers' slots. The kernel's own caps bound how
+    /// many there can be, and the listener's connection cap and header timeout how long they stay.
     pub async fn admit(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
         let caller = self.identify(peer, local).await;
+        let unrecorded = self.callers.is_some() && caller.process.is_none();
         let slot = match &self.open {
+            Some(_) if unrecorded => None,
             Some(open) => match OpenConnections::take(open, caller.pod_key()) {
                 Some(slot) => Some(slot),
                 None => {
