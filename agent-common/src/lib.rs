@@ -16,10 +16,15 @@
 //!    to the 4-tuple ([`CALLER_BY_CONN_MAP`]), stamped with the socket's cookie, counts the
 //!    connection as open for its pod ([`OPEN_BY_POD_MAP`]) and asks for the socket's state
 //!    changes. It also notes the 4-tuple under the cookie ([`CONN_BY_COOKIE_MAP`]). A 4-tuple
-//!    already recorded from another network namespace stays with its first owner: the newcomer
-//!    is not recorded ([`EVENT_TUPLE_COLLISION`]).
-//! 3. The agent accepts and reads the record by 4-tuple (it does not delete it).
-//! 4. The client socket is released (`close()`; a `cgroup/sock_release` program, which finds the
+//!    already recorded from another network namespace stays with its first owner for now
+//!    ([`EVENT_TUPLE_COLLISION`]); the newcomer's record stays pending under its cookie.
+//! 3. `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB` (the client got the agent's SYN-ACK; its ACK has not
+//!    left yet, so this comes before the agent can accept): the record is marked established. A
+//!    contested 4-tuple goes to the socket that gets here, which only the real peer of the
+//!    agent's connection can: the other owner's record is replaced.
+//! 4. The agent accepts and reads the record by 4-tuple (it does not delete it), and uses it only
+//!    if established.
+//! 5. The client socket is released (`close()`; a `cgroup/sock_release` program, which finds the
 //!    4-tuple by cookie), enters `TCP_CLOSE_WAIT` (the agent closed its end) or `TCP_CLOSE`
 //!    (reset, timed out, refused, disconnected; sock_ops' state callback), whichever comes first:
 //!    the record is deleted and uncounted, by the socket whose cookie it carries and no other. No
@@ -128,6 +133,12 @@ pub struct CallerRecord {
     pub open_epoch: u64,
     /// Cookie of the client socket that made the record: only that socket deletes it.
     pub sock_cookie: u64,
+    /// 1 once the client socket completed its handshake (`ACTIVE_ESTABLISHED_CB`, before its ACK
+    /// leaves): the agent accepts only connections whose client got this far, and a socket of
+    /// another namespace holding the same 4-tuple never does (the agent's SYN-ACK is routed to
+    /// the real client), so the agent hands out only established records.
+    pub established: u32,
+    pub _pad: u32,
 }
 
 impl CallerRecord {
@@ -274,7 +285,7 @@ mod user {
 }
 
 // The layouts are part of the contract with the kernel maps: fail the build if padding sneaks in.
-const _: () = assert!(core::mem::size_of::<CallerRecord>() == 80);
+const _: () = assert!(core::mem::size_of::<CallerRecord>() == 88);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 const _: () = assert!(core::mem::size_of::<WatchConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<PodParent>() == 16);

@@ -139,6 +139,8 @@ fn on_watched_connect<const LIMITER: bool>(ctx: &SockAddrContext) -> i32 {
         comm: bpf_get_current_comm().unwrap_or_default(),
         open_epoch: 0,
         sock_cookie: 0,
+        established: 0,
+        _pad: 0,
     };
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

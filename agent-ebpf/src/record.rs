@@ -5,11 +5,11 @@
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
-    ptr::{addr_of, addr_of_mut, read_volatile},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use agent_common::{
-    ConnKey, EVENT_CONN_RECORD_FAILED, EVENT_FOREIGN_RELEASE, EVENT_LEFTOVER_REMOVED,
+    CallerRecord, ConnKey, EVENT_CONN_RECORD_FAILED, EVENT_FOREIGN_RELEASE, EVENT_LEFTOVER_REMOVED,
     EVENT_OPEN_STATE_FULL, EVENT_RECORD_MISSING, EVENT_TUPLE_COLLISION, OpenState,
 };
 use aya_ebpf::{
@@ -19,9 +19,12 @@ use aya_ebpf::{
 
 use crate::maps::{CALLER_BY_CONN, CALLER_BY_COOKIE, CONFIG, CONN_BY_COOKIE, OPEN_BY_POD, count_event};
 
-/// Whether a connection got its record (then the caller asks for the socket's state changes).
+/// What became of a connection's record at `TCP_CONNECT_CB`.
 pub enum Recorded {
     Yes,
+    /// Its 4-tuple is another namespace's record for now; this one stays pending under the
+    /// cookie until the handshake decides (see [`on_established`]).
+    Contested,
     No,
 }
 
@@ -30,34 +33,79 @@ pub enum Recorded {
 ///
 /// The 4-tuple is what the agent sees after `accept()`, in its own namespace: O(1) to look up, but
 /// a pod with its own network namespace (or `IP_TRANSPARENT`) can make a socket with another
-/// pod's 4-tuple. So a 4-tuple already recorded stays with its first owner unless that owner was
-/// in the same namespace (where the kernel lets no two live sockets share a 4-tuple, so that
-/// owner is gone): the newcomer goes unrecorded, and the agent refuses its connection.
+/// pod's 4-tuple. Within one namespace the kernel lets no two live sockets share a 4-tuple, so a
+/// record of the same namespace is a leftover and goes; one of another namespace stays until a
+/// handshake tells the real peer apart.
 #[inline(always)]
 pub fn record_connection(cookie: u64, key: ConnKey) -> Recorded {
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(mut record) = (unsafe { CALLER_BY_COOKIE.get(cookie) }).copied() else {
+    // SAFETY: the value is copied out.
+    let Some(record) = (unsafe { CALLER_BY_COOKIE.get(cookie) }).copied() else {
         count_event(EVENT_RECORD_MISSING);
         return Recorded::No;
     };
-    let _ = CALLER_BY_COOKIE.remove(cookie);
     // SAFETY: the value is copied out.
     if let Some(owner) = (unsafe { CALLER_BY_CONN.get(key) }).copied() {
         if owner.netns_cookie != record.netns_cookie {
             count_event(EVENT_TUPLE_COLLISION);
-            return Recorded::No;
+            return Recorded::Contested;
         }
         if CALLER_BY_CONN.remove(key).is_ok() {
             open_sub(owner.pod_key(), owner.open_epoch);
             count_event(EVENT_LEFTOVER_REMOVED);
         }
     }
+    let _ = CALLER_BY_COOKIE.remove(cookie);
+    insert(cookie, key, record)
+}
+
+/// `ACTIVE_ESTABLISHED_CB`: the client socket got the agent's SYN-ACK, and its ACK has not left,
+/// so the agent cannot have accepted the connection yet. Marks its record established. A 4-tuple
+/// another namespace's socket holds, not established, is taken over: the agent's SYN-ACK went to
+/// this socket, so the other can never be the agent's peer.
+#[inline(always)]
+pub fn on_established(cookie: u64, key: ConnKey) {
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(record) = CALLER_BY_CONN.get_ptr_mut(key) {
+        // SAFETY: a live map value; userspace only reads it.
+        unsafe {
+            if read_volatile(addr_of!((*record).sock_cookie)) == cookie {
+                // The age the agent checks counts from here, so a connect whose SYN had to be
+                // retransmitted is not taken for a stale one.
+                write_volatile(addr_of_mut!((*record).ktime_ns), now);
+                write_volatile(addr_of_mut!((*record).established), 1);
+                return;
+            }
+            if read_volatile(addr_of!((*record).established)) != 0 {
+                return;
+            }
+        }
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(mut mine) = (unsafe { CALLER_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let _ = CALLER_BY_COOKIE.remove(cookie);
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(owner) = (unsafe { CALLER_BY_CONN.get(key) }).copied()
+        && CALLER_BY_CONN.remove(key).is_ok()
+    {
+        open_sub(owner.pod_key(), owner.open_epoch);
+    }
+    mine.ktime_ns = now;
+    mine.established = 1;
+    let _ = insert(cookie, key, mine);
+}
+
+/// Writes `record` under `key`, stamped with the socket's cookie and counted for its pod.
+#[inline(always)]
+fn insert(cookie: u64, key: ConnKey, mut record: CallerRecord) -> Recorded {
     record.sock_cookie = cookie;
     // SAFETY: a plain global, see CONFIG.
     if unsafe { read_volatile(addr_of!(CONFIG.max_open_per_pod)) } != 0 {
         record.open_epoch = open_add(record.pod_key());
     }
-    // NOEXIST: a racing newcomer from another namespace loses here instead of overwriting.
+    // NOEXIST: a racing socket of another namespace loses here instead of overwriting.
     if CALLER_BY_CONN
         .insert(key, record, BPF_NOEXIST.into())
         .is_err()

@@ -1,7 +1,8 @@
 //! `sockops`, for sockets to the agent only (checked before any helper or map call): at
 //! `BPF_SOCK_OPS_TCP_CONNECT_CB` move the record from the cookie to the connection's 4-tuple (which
 //! the agent can compute after `accept()`; see `record`), turn on TCP keepalive, and ask for the
-//! socket's state changes; when the socket enters `TCP_CLOSE_WAIT` (the agent closed its end) or
+//! socket's state changes; at `ACTIVE_ESTABLISHED_CB` mark it established (and settle a 4-tuple
+//! two namespaces claim); when the socket enters `TCP_CLOSE_WAIT` (the agent closed its end) or
 //! `TCP_CLOSE`, delete the record and uncount it. Always returns 1, so that the replies of other
 //! sock_ops programs on the node stand.
 //!
@@ -15,16 +16,16 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT,
-        BPF_TCP_ESTABLISHED, bpf_sock_ops,
+        bpf_sock_ops,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sock_ops_cb_flags_set},
+    helpers::{bpf_get_socket_cookie, bpf_setsockopt, bpf_sock_ops_cb_flags_set},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 
 use crate::{
-    maps::{CALLER_BY_CONN, CONN_BY_COOKIE},
-    record::{Recorded, record_connection, release},
+    maps::CONN_BY_COOKIE,
+    record::{Recorded, forget_pending, on_established, record_connection, release},
     util::{AF_INET, AF_INET6, SOCK_OPS_OK, is_agent6, v4_mapped, watched4, words_to_bytes},
 };
 
@@ -52,7 +53,10 @@ pub fn agent_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = unsafe { read_volatile(addr_of!((*ops).op)) };
     // Every TCP socket of the node comes through here, for many ops: leave at once unless it is
     // one of ours, and before any helper or map call.
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
         return SOCK_OPS_OK;
     }
     let f = SockOpsFields::read(ops);
@@ -66,26 +70,21 @@ pub fn agent_sock_ops(ctx: SockOpsContext) -> u32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // Still in the caller's `connect()`: the source port is bound now.
-        if let Recorded::Yes = record_connection(cookie, key) {
-            watch_socket(&ctx);
+        match record_connection(cookie, key) {
+            Recorded::Yes | Recorded::Contested => watch_socket(&ctx),
+            Recorded::No => {}
         }
-    } else if f.new_state == BPF_TCP_ESTABLISHED {
-        // The record's age is what the agent checks on accept: count it from the handshake, so a
-        // connect whose SYN had to be retransmitted is not taken for a stale one.
-        if let Some(record) = CALLER_BY_CONN.get_ptr_mut(key) {
-            // SAFETY: a live map value; userspace only reads it. Only its own socket's.
-            unsafe {
-                if read_volatile(addr_of!((*record).sock_cookie)) == cookie {
-                    write_volatile(addr_of_mut!((*record).ktime_ns), bpf_ktime_get_ns());
-                }
-            }
-        }
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // Called for every socket, whatever its callback flags: another program clearing ours
+        // cannot keep a record from being marked established.
+        on_established(cookie, key);
     } else if f.new_state == BPF_TCP_CLOSE || f.new_state == BPF_TCP_CLOSE_WAIT {
         // CLOSE_WAIT: the agent closed its end, so the connection is over for the agent, whatever
         // the client does with its own. CLOSE: reset, refused, timed out, disconnected. The
         // socket's addresses are still set here (the callback runs before the state change
         // unbinds the port).
         release(key, cookie);
+        forget_pending(cookie);
         let _ = CONN_BY_COOKIE.remove(cookie);
     }
     SOCK_OPS_OK

@@ -4,10 +4,11 @@
 //!   the agent from each: every caller outside pods shares one budget, so the record maps, sized
 //!   from `--max-pods` and `--pod-max-connections`, keep the pods' share; pods are served 200 on
 //!   fresh connections under `--token-binding enforce` while the attack holds.
-//! - A pod with its own user and network namespace makes a socket with another pod's 4-tuple:
-//!   the first owner's record stays (the newcomer's is refused, and its close deletes nothing),
-//!   so the victim is served; a connection left without a record is answered 403 and audited with
-//!   the reason, never closed in silence.
+//! - A pod with its own user and network namespace makes a socket with another pod's 4-tuple,
+//!   after the victim's connect or before it: the victim keeps or gets the record (only the socket
+//!   that completes the handshake, which the attacker's never does, is handed out; only the
+//!   socket that made a record deletes it), and is served. A connection left without a record is
+//!   answered 403 and audited with the reason, never closed in silence.
 //!
 //! Needs root, cgroup v2, eBPF, unprivileged user namespaces, `setpriv`, `nsenter` and `unshare`
 //! (util-linux), and the agent binary.
@@ -293,9 +294,12 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
     let agent = AgentProcess::start(
         &node,
         &fake,
-        AgentArgs::default()
-            .audit_log(&audit)
-            .args(["--token-binding", "enforce"]),
+        AgentArgs::default().audit_log(&audit).args([
+            "--token-binding",
+            "enforce",
+            "--pod-max-connections",
+            "2",
+        ]),
     )
     .unwrap();
     let victim_ip = victim.ipv4.to_string();
@@ -320,37 +324,88 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
         collide(&attacker, &victim_ip, 41001, true),
         "ConnectionRefusedError"
     );
+    // Up again, with the route to the victim that going down removed: its SYN is retransmitted.
     node.netns().ip(&["link", "set", &node_side, "up"]).unwrap();
-    let answer: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    v.wait().unwrap();
+    let route = format!("{victim_ip}/32");
+    node.netns()
+        .ip(&["route", "replace", &route, "dev", &node_side])
+        .unwrap();
+    let line = lines.next().and_then(Result::ok).unwrap_or_default();
+    let out = v.wait_with_output().unwrap();
+    let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {line:?}, the victim said {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     assert_eq!(
         answer["status"], 200,
         "the victim keeps its record: {answer}"
     );
 
     // 2. The attacker holds the 4-tuple first (its SYN goes nowhere): the victim, the newcomer
-    // from another namespace, gets no record, and is answered 403 with the reason, and audited.
-    let pre = std::thread::scope(|s| {
+    // from another namespace, completes the handshake the attacker never can, and takes it over.
+    let (attacker_said, victim_said) = std::thread::scope(|s| {
         let t = s.spawn(|| collide(&attacker, &victim_ip, 41002, false));
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(500));
         let out = victim
             .command("python3")
             .args(["-c", VICTIM, &victim_ip, "41002"])
             .arg(victim.token_path())
             .output()
             .unwrap();
-        (t.join().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            t.join().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     });
-    assert_eq!(pre.0, "TimeoutError", "the attacker's SYN went nowhere");
-    let newcomer: Value = serde_json::from_str(pre.1.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {}", pre.1));
-    assert_eq!(newcomer["status"], 403, "{newcomer}");
+    assert_eq!(attacker_said, "TimeoutError", "the attacker's SYN went nowhere");
+    let newcomer: Value = serde_json::from_str(victim_said.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {victim_said}"));
+    assert_eq!(newcomer["status"], 200, "{newcomer}");
+
+    // 3. A connection with no record (a process the kernel did not see: outside the attached
+    // cgroup tree, in the victim's network namespace) while callers outside pods fill their
+    // slots in the agent: answered 403 with the reason and audited, not closed in silence.
+    let host = node.add_non_pod_caller("idle-session").unwrap();
+    let mut idle = host
+        .command("python3")
+        .args([
+            "-c",
+            "import socket, sys\nh = [socket.create_connection(('169.254.170.23', 80)) for _ in range(2)]\nprint('held', flush=True)\nsys.stdin.read()",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = String::new();
+    BufReader::new(idle.stdout.take().unwrap())
+        .read_line(&mut held)
+        .unwrap();
+    assert_eq!(held.trim(), "held");
+    let out = Command::new("ip")
+        .args(["netns", "exec", victim.netns().name(), system_python()])
+        .args(["-c", VICTIM, &victim_ip, "41003"])
+        .arg(victim.token_path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let unrecorded: Value = serde_json::from_str(said.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {said} {}: closed without an answer?",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(unrecorded["status"], 403, "{unrecorded}");
+    drop(idle.stdin.take());
+    idle.wait().unwrap();
 
     // Meanwhile and after, a bystander is served on fresh connections.
     let statuses = fresh_requests(&bystander, 5);
     assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
 
-    let records = wait_audit_records(&audit, 7, Duration::from_secs(10)).unwrap();
+    let records = wait_audit_records(&audit, 8, Duration::from_secs(10)).unwrap();
     let refused: Vec<_> = records
         .iter()
         .filter(|r| r["http_status"] == 403)
