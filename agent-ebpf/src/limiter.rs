@@ -6,7 +6,9 @@ use core::{
     ptr::{addr_of_mut, read_volatile},
 };
 
-use agent_common::{CgroupConnectState, ConnectLimit, EVENT_LIMITER_CONTENDED, EVENT_LIMITER_STATE_FULL};
+use agent_common::{
+    CgroupConnectState, ConnectLimit, EVENT_LIMITER_CONTENDED, EVENT_LIMITER_STATE_FULL,
+};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 
 use crate::maps::{CONNECT_STATE, count_event};
@@ -99,4 +101,3 @@ unsafe fn gcra_admit(tat: *mut u64, limit: ConnectLimit) -> Admit {
     }
     Admit::Contended
 }
-

@@ -17,7 +17,9 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 
-use crate::maps::{CALLER_BY_CONN, CALLER_BY_COOKIE, CONFIG, CONN_BY_COOKIE, OPEN_BY_POD, count_event};
+use crate::maps::{
+    CALLER_BY_CONN, CALLER_BY_COOKIE, CONFIG, CONN_BY_COOKIE, OPEN_BY_POD, count_event,
+};
 
 /// What became of a connection's record at `TCP_CONNECT_CB`.
 pub enum Recorded {

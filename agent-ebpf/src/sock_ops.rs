@@ -224,4 +224,3 @@ pub fn test_sock_ops_other(ctx: SockOpsContext) -> u32 {
     }
     SOCK_OPS_OK
 }
-

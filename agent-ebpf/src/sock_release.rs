@@ -69,4 +69,3 @@ pub fn agent_sock_release(ctx: SockContext) -> i32 {
     }
     ALLOW
 }
-

@@ -20,7 +20,6 @@ pub const SOCK_STREAM: u32 = 1;
 /// The third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as the kernel stores it.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-
 /// The watched IPv4 listener, from the global.
 #[inline(always)]
 pub fn watched4() -> (u32, u16) {
@@ -71,7 +70,6 @@ pub fn is_agent6(ip6: [u32; 4], port: u16) -> bool {
 pub fn port_of_user_port(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
 }
-
 
 #[inline(always)]
 pub fn v4_mapped(ip4: u32) -> [u32; 4] {

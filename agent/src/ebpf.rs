@@ -305,4 +305,3 @@ impl TestSockOps {
         Ok(TestSockOps { _ebpf: ebpf })
     }
 }
-

@@ -796,7 +796,11 @@ fn callers_outside_pods_share_one_open_connection_cap() {
         .expect("the non-pod key is counted");
     assert_eq!((shared.open, shared.denied), (3, 2));
     assert!(
-        programs.prune_connect_state(|_| false).unwrap().open_counters >= 1,
+        programs
+            .prune_connect_state(|_| false)
+            .unwrap()
+            .open_counters
+            >= 1,
         "the pod's counter is pruned when it looks gone"
     );
     assert!(

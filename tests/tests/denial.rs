@@ -204,7 +204,9 @@ fn a_node_user_with_many_cgroups_cannot_exhaust_the_record_maps() {
     );
     let event = |name: &str| {
         agent
-            .metric(&format!("pod_identity_kernel_events_total{{event=\"{name}\"}}"))
+            .metric(&format!(
+                "pod_identity_kernel_events_total{{event=\"{name}\"}}"
+            ))
             .unwrap_or(0.0)
     };
     assert!(
@@ -286,8 +288,11 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
     if !e2e::privileged("a_pod_cannot_take_another_pods_record_with_its_4_tuple") {
         return;
     }
-    let (node, fake, [victim, attacker, bystander]) =
-        node_with_web_pods("e2e-denial-tuple", ["victim-0", "attacker-0", "bystander-0"]).unwrap();
+    let (node, fake, [victim, attacker, bystander]) = node_with_web_pods(
+        "e2e-denial-tuple",
+        ["victim-0", "attacker-0", "bystander-0"],
+    )
+    .unwrap();
     for pod in [&victim, &attacker, &bystander] {
         pod.refresh_token(&fake).unwrap();
     }
@@ -309,7 +314,9 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
     // 1. The victim connects first; its SYN is held back (its link down) so the agent has not
     // read its record yet. The attacker then connects from the victim's 4-tuple in its own
     // namespace, is refused at once, and its socket closes.
-    node.netns().ip(&["link", "set", &node_side, "down"]).unwrap();
+    node.netns()
+        .ip(&["link", "set", &node_side, "down"])
+        .unwrap();
     let mut v = victim
         .command("python3")
         .args(["-c", VICTIM, &victim_ip, "41001"])
@@ -360,7 +367,10 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     });
-    assert_eq!(attacker_said, "TimeoutError", "the attacker's SYN went nowhere");
+    assert_eq!(
+        attacker_said, "TimeoutError",
+        "the attacker's SYN went nowhere"
+    );
     let newcomer: Value = serde_json::from_str(victim_said.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("{e}: {victim_said}"));
     assert_eq!(newcomer["status"], 200, "{newcomer}");
@@ -407,10 +417,7 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
     assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
 
     let records = wait_audit_records(&audit, 8, Duration::from_secs(10)).unwrap();
-    let refused: Vec<_> = records
-        .iter()
-        .filter(|r| r["http_status"] == 403)
-        .collect();
+    let refused: Vec<_> = records.iter().filter(|r| r["http_status"] == 403).collect();
     assert_eq!(refused.len(), 1, "{records:#?}");
     assert_eq!(refused[0]["binding"], "unattributed", "{}", refused[0]);
     assert!(
@@ -420,7 +427,9 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
     );
     let event = |name: &str| {
         agent
-            .metric(&format!("pod_identity_kernel_events_total{{event=\"{name}\"}}"))
+            .metric(&format!(
+                "pod_identity_kernel_events_total{{event=\"{name}\"}}"
+            ))
             .unwrap_or(0.0)
     };
     assert!(

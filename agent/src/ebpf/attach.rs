@@ -1,6 +1,10 @@
 //! The load-time steps: the global's value, typed maps, probing, attaching.
 
-use std::{fs::File, net::{IpAddr, Ipv6Addr}, os::fd::AsFd as _};
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd as _,
+};
 
 use agent_common::{ConnectLimit, WatchConfig};
 use aya::{
@@ -93,7 +97,6 @@ pub(super) fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
     [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
 }
 
-
 /// Take a map out of the object, typed (aya checks key and value sizes).
 pub(super) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
@@ -126,8 +129,11 @@ where
     Ok((typed(map)?, typed(second)?))
 }
 
-
-pub(super) fn attach_sock_addr(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
+pub(super) fn attach_sock_addr(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+) -> Result<(), EbpfError> {
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(name)
         .ok_or(EbpfError::MissingProgram(name))?
@@ -140,7 +146,11 @@ pub(super) fn attach_sock_addr(ebpf: &mut Ebpf, name: &'static str, cgroup: &Fil
     Ok(())
 }
 
-pub(super) fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
+pub(super) fn attach_sock_ops(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+) -> Result<(), EbpfError> {
     let program: &mut SockOps = ebpf
         .program_mut(name)
         .ok_or(EbpfError::MissingProgram(name))?
@@ -153,7 +163,10 @@ pub(super) fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File
     Ok(())
 }
 
-pub(super) fn attach_sock_release(ebpf: &mut Ebpf, cgroup: &File) -> Result<CgroupSockLinkId, EbpfError> {
+pub(super) fn attach_sock_release(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+) -> Result<CgroupSockLinkId, EbpfError> {
     let name = SOCK_RELEASE_PROGRAM;
     let program: &mut CgroupSock = ebpf
         .program_mut(name)

@@ -140,7 +140,10 @@ impl Programs {
         let gone = |keys: aya::maps::MapKeys<'_, u64>, name| -> Result<Vec<u64>, EbpfError> {
             keys.map(|k| k.map_err(map_error(name, "read")))
                 // The key of every caller outside pods is no cgroup: never gone.
-                .filter(|k| k.as_ref().map_or(true, |k| *k != NON_POD_KEY && !is_alive(*k)))
+                .filter(|k| {
+                    k.as_ref()
+                        .map_or(true, |k| *k != NON_POD_KEY && !is_alive(*k))
+                })
                 .collect()
         };
         for key in gone(m.connect_state.keys(), CONNECT_STATE_MAP)? {
