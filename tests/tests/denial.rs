@@ -14,12 +14,12 @@
 //! (util-linux), and the agent binary.
 
 use std::io::{BufRead as _, BufReader};
-use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, wait_audit_records};
+use e2e::cgroup::{delegate, system_python};
 use e2e::clients::Family;
 use e2e::node::{Pod, SimNode};
 use serde_json::Value;
@@ -67,15 +67,6 @@ print(json.dumps(out), flush=True)
 sys.stdin.read()
 ";
 
-/// The system's Python, which any user can run.
-fn system_python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 /// `user.slice/user-1000.slice/user@1000.service/app.slice` under the node's cgroup root,
 /// delegated to the user as systemd does it.
 fn delegated_app_slice(node: &SimNode) -> PathBuf {
@@ -83,18 +74,18 @@ fn delegated_app_slice(node: &SimNode) -> PathBuf {
         .cgroup_root()
         .join(format!("user.slice/user-{USER}.slice/user@{USER}.service"));
     let app = service.join("app.slice");
-    std::fs::create_dir_all(&app).unwrap();
-    for dir in [&service, &app] {
-        for path in [
-            dir.clone(),
-            dir.join("cgroup.procs"),
-            dir.join("cgroup.threads"),
-            dir.join("cgroup.subtree_control"),
-        ] {
-            chown(&path, Some(USER), Some(USER)).unwrap();
-        }
-    }
+    delegate(&service, USER).unwrap();
+    delegate(&app, USER).unwrap();
     app
+}
+
+/// What the eBPF programs counted of `event`, as the agent exports it.
+fn kernel_event(agent: &AgentProcess, event: &str) -> f64 {
+    agent
+        .metric(&format!(
+            "pod_identity_kernel_events_total{{event=\"{event}\"}}"
+        ))
+        .unwrap_or(0.0)
 }
 
 /// Starts [`HOARD`] as the node user, from the delegated `app` slice, in a new user and network
@@ -202,13 +193,7 @@ fn a_node_user_with_many_cgroups_cannot_exhaust_the_record_maps() {
         attacker.try_wait().unwrap().is_none(),
         "the attack held throughout"
     );
-    let event = |name: &str| {
-        agent
-            .metric(&format!(
-                "pod_identity_kernel_events_total{{event=\"{name}\"}}"
-            ))
-            .unwrap_or(0.0)
-    };
+    let event = |name: &str| kernel_event(&agent, name);
     assert!(
         e2e::wait_for(Duration::from_secs(15), || event("open_cap_refused") >= 1.0),
         "refusals are exported:\n{}",
@@ -425,13 +410,7 @@ fn a_pod_cannot_take_another_pods_record_with_its_4_tuple() {
         "the audit record says why: {}",
         refused[0]
     );
-    let event = |name: &str| {
-        agent
-            .metric(&format!(
-                "pod_identity_kernel_events_total{{event=\"{name}\"}}"
-            ))
-            .unwrap_or(0.0)
-    };
+    let event = |name: &str| kernel_event(&agent, name);
     assert!(
         e2e::wait_for(Duration::from_secs(15), || event("tuple_collision") >= 2.0),
         "{}",
