@@ -8,18 +8,29 @@
 //! server builds from what `accept()` returned.
 //!
 //! A connection's life, and where its record lives:
-//! 1. `connect()`: connect4/6 check the pod's open-connection cap and token bucket, then record the
-//!    caller under the socket cookie ([`CALLER_BY_COOKIE_MAP`]).
+//! 1. `connect()`: connect4/6 check the open-connection cap and token bucket of the caller's pod
+//!    (every caller outside pods shares one key, [`NON_POD_KEY`]), then record the caller under
+//!    the socket cookie ([`CALLER_BY_COOKIE_MAP`]). A counter or record that cannot be made
+//!    refuses the connect (`EPERM`): nothing goes uncounted.
 //! 2. `BPF_SOCK_OPS_TCP_CONNECT_CB` (same syscall, source port bound): sock_ops moves the record
-//!    to the 4-tuple ([`CALLER_BY_CONN_MAP`]), counts the connection as open for its pod
-//!    ([`OPEN_BY_POD_MAP`]) and asks for the socket's state changes.
-//!    It also notes the 4-tuple under the cookie ([`CONN_BY_COOKIE_MAP`]).
-//! 3. The agent accepts and reads the record by 4-tuple (it does not delete it).
-//! 4. The client socket is released (`close()`; a `cgroup/sock_release` program, which finds the
-//!    4-tuple by cookie) or enters `TCP_CLOSE` (reset, timed out, refused, disconnected; sock_ops'
-//!    state callback), whichever comes first: the record is deleted and uncounted. No record
-//!    outlives its connection, and whoever deletes the record uncounts it, so each count is undone
-//!    exactly once.
+//!    to the 4-tuple ([`CALLER_BY_CONN_MAP`]), stamped with the socket's cookie, counts the
+//!    connection as open for its pod ([`OPEN_BY_POD_MAP`]) and asks for the socket's state
+//!    changes. It also notes the 4-tuple under the cookie ([`CONN_BY_COOKIE_MAP`]). A 4-tuple
+//!    already recorded from another network namespace stays with its first owner for now
+//!    ([`EVENT_TUPLE_COLLISION`]); the newcomer's record stays pending under its cookie.
+//! 3. `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB` (the client got the agent's SYN-ACK; its ACK has not
+//!    left yet, so this comes before the agent can accept): the record is marked established. A
+//!    contested 4-tuple goes to the socket that gets here, which only the real peer of the
+//!    agent's connection can: the other owner's record is replaced.
+//! 4. The agent accepts and reads the record by 4-tuple (it does not delete it), and uses it only
+//!    if established.
+//! 5. The client socket is released (`close()`; a `cgroup/sock_release` program, which finds the
+//!    4-tuple by cookie), enters `TCP_CLOSE_WAIT` (the agent closed its end) or `TCP_CLOSE`
+//!    (reset, timed out, refused, disconnected; sock_ops' state callback), whichever comes first:
+//!    the record is deleted and uncounted, by the socket whose cookie it carries and no other. No
+//!    record outlives its connection, and whoever deletes the record uncounts it, so each count is
+//!    undone exactly once. TCP keepalive, set on the client socket at step 2, ends a connection the
+//!    agent never accepted (its probe meets a reset) within seconds of the agent forgetting it.
 #![no_std]
 
 /// `.rodata` global ([`WatchConfig`]), set once at load: what the programs watch and how hard they
@@ -48,7 +59,12 @@ pub const EVENTS_MAP: &str = "EVENTS";
 /// Array of one `u64`, touched only by the compare-and-swap probe program.
 pub const PROBE_MAP: &str = "PROBE";
 
-/// Entries compiled into the object; userspace scales them with the node's CPUs at load.
+/// The key of every caller outside the pod hierarchy in [`OPEN_BY_POD_MAP`] and
+/// [`CONNECT_STATE_MAP`]: all of them share one budget, whatever cgroup they are in. No cgroup has
+/// id 0.
+pub const NON_POD_KEY: u64 = 0;
+
+/// Entries compiled into the object; userspace sizes them at load.
 pub const CALLER_BY_COOKIE_ENTRIES: u32 = 4096;
 /// See [`CALLER_BY_COOKIE_ENTRIES`].
 pub const CALLER_BY_CONN_ENTRIES: u32 = 16384;
@@ -65,21 +81,31 @@ pub const MAX_POD_PARENTS: usize = 16;
 pub const EVENT_LIMITER_CONTENDED: u32 = 0;
 /// No token bucket could be created (map full): the connect was let through.
 pub const EVENT_LIMITER_STATE_FULL: u32 = 1;
-/// No open-connection counter could be created (map full): the connection is recorded uncounted.
+/// No open-connection counter could be created (map full): the connect was refused.
 pub const EVENT_OPEN_STATE_FULL: u32 = 2;
-/// The record could not be written under the socket cookie.
+/// The record could not be written under the socket cookie: the connect was refused.
 pub const EVENT_COOKIE_RECORD_FAILED: u32 = 3;
-/// The record could not be written under the 4-tuple (map full): the connection is unattributed.
+/// The record could not be written under the 4-tuple (map full, beyond the sizing from
+/// `--max-pods`): the connection is unrecorded, and the agent refuses it under `enforce`.
 pub const EVENT_CONN_RECORD_FAILED: u32 = 4;
-/// A record left under a 4-tuple that a new connection now uses was removed (its socket's close
-/// was never seen, e.g. another program cleared our state callback).
+/// A record left under a 4-tuple that a new connection of the same network namespace now uses
+/// was removed: its socket is gone (two live sockets of one namespace cannot share a 4-tuple) and
+/// its close was never seen, e.g. another program cleared our state callback.
 pub const EVENT_LEFTOVER_REMOVED: u32 = 5;
 /// A connect was refused: the pod holds its maximum of open connections to the agent.
 pub const EVENT_OPEN_CAP_REFUSED: u32 = 6;
 /// A connect was refused by the pod's token bucket.
 pub const EVENT_RATE_REFUSED: u32 = 7;
+/// A connection reached `TCP_CONNECT_CB` with no record under its cookie (evicted): it goes
+/// unrecorded, and the agent refuses it under `enforce`.
+pub const EVENT_RECORD_MISSING: u32 = 8;
+/// A connection's 4-tuple was already recorded from another network namespace: the first
+/// owner's record stays, the newcomer goes unrecorded.
+pub const EVENT_TUPLE_COLLISION: u32 = 9;
+/// A socket tried to delete a record another socket made (same 4-tuple): refused.
+pub const EVENT_FOREIGN_RELEASE: u32 = 10;
 /// Number of `EVENT_*` counters.
-pub const EVENT_COUNT: u32 = 8;
+pub const EVENT_COUNT: u32 = 11;
 
 /// The process that called `connect()` to the agent, as seen by the kernel at that moment.
 #[repr(C)]
@@ -105,17 +131,32 @@ pub struct CallerRecord {
     pub comm: [u8; 16],
     /// The [`OpenState::epoch`] of the pod counter this connection is counted in; 0 = not counted.
     pub open_epoch: u64,
+    /// Cookie of the client socket that made the record: only that socket deletes it.
+    pub sock_cookie: u64,
+    /// 1 once the client socket completed its handshake (`ACTIVE_ESTABLISHED_CB`, before its ACK
+    /// leaves): the agent accepts only connections whose client got this far, and a socket of
+    /// another namespace holding the same 4-tuple never does (the agent's SYN-ACK is routed to
+    /// the real client), so the agent hands out only established records.
+    pub established: u32,
+    pub _pad: u32,
 }
 
 impl CallerRecord {
-    /// What the connect limits are keyed by: the pod, or the caller's own cgroup outside pods.
+    /// What the connect limits are keyed by: the pod, or [`NON_POD_KEY`] for every caller
+    /// outside pods (one budget, however many cgroups they make).
     #[must_use]
     pub const fn pod_key(&self) -> u64 {
-        if self.pod_cgroup_id != 0 {
-            self.pod_cgroup_id
-        } else {
-            self.cgroup_id
-        }
+        pod_key(self.pod_cgroup_id)
+    }
+}
+
+/// The key of a caller's connect limits: its pod cgroup, or [`NON_POD_KEY`] outside pods.
+#[must_use]
+pub const fn pod_key(pod_cgroup_id: u64) -> u64 {
+    if pod_cgroup_id != 0 {
+        pod_cgroup_id
+    } else {
+        NON_POD_KEY
     }
 }
 
@@ -244,7 +285,7 @@ mod user {
 }
 
 // The layouts are part of the contract with the kernel maps: fail the build if padding sneaks in.
-const _: () = assert!(core::mem::size_of::<CallerRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<CallerRecord>() == 88);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 const _: () = assert!(core::mem::size_of::<WatchConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<PodParent>() == 16);

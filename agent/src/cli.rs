@@ -127,6 +127,11 @@ pub struct ServerArgs {
     /// no cap).
     #[arg(long, default_value_t = 64)]
     pub pod_max_connections: u32,
+    /// Pods this node runs at most (kubelet's --max-pods; EKS's default is 110): with
+    /// --pod-max-connections it sizes the kernel's record maps, so that no caller can take the
+    /// pods' share.
+    #[arg(long, default_value_t = 110, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pods: u32,
     /// Connections per second per pod, enforced in the kernel (0 = off).
     #[arg(long, default_value_t = 0)]
     pub pod_connect_rate: u32,
@@ -244,6 +249,7 @@ impl ServerArgs {
                 cgroup_root: self.cgroup_root,
                 kubelet_cgroup_root: self.kubelet_cgroup_root,
                 pod_max_connections: self.pod_max_connections,
+                max_pods: self.max_pods,
                 pod_connect: RateLimit {
                     per_second: self.pod_connect_rate,
                     burst: self.pod_connect_burst,
@@ -481,6 +487,7 @@ mod tests {
         assert_eq!(c.attribution.token_binding, TokenBinding::Audit);
         assert_eq!(c.attribution.kubelet_cgroup_root, None);
         assert_eq!(c.attribution.pod_max_connections, 64);
+        assert_eq!(c.attribution.max_pods, 110);
         assert_eq!(
             c.global_rate,
             RateLimit {
@@ -641,8 +648,11 @@ mod tests {
             "/kubelet",
             "--pod-max-connections",
             "8",
+            "--max-pods",
+            "250",
         ])
         .unwrap();
+        assert_eq!(c.attribution.max_pods, 250);
         assert_eq!(
             c.attribution.kubelet_cgroup_root.as_deref(),
             Some(std::path::Path::new("/kubelet"))

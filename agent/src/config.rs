@@ -227,6 +227,8 @@ pub struct AttributionConfig {
     pub kubelet_cgroup_root: Option<PathBuf>,
     /// Most connections one pod holds open to a listener at once (0: no cap).
     pub pod_max_connections: u32,
+    /// Pods the node runs at most: sizes the kernel's record maps with the per-pod cap.
+    pub max_pods: u32,
     /// Connections per second per pod cgroup, enforced in the kernel (rate 0 = off).
     pub pod_connect: RateLimit,
     /// Requests per second per pod, enforced by the agent (rate 0 = off).

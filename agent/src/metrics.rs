@@ -78,6 +78,9 @@ pub struct Metrics {
     /// 1 when the kernel enforces the per-pod connect limit (the kernel can run it), else 0.
     pub ebpf_connect_limiter: IntGauge,
     pub connections_denied: IntCounterVec,
+    /// What the eBPF programs counted node-wide, by `event` (see `ebpf::KernelEvents::labelled`):
+    /// refusals by reason, map-full failures, missing records, 4-tuple collisions.
+    pub kernel_events: IntCounterVec,
     pub binding: IntCounterVec,
     pub requests_by_namespace: IntCounterVec,
     pub audit_dropped: IntCounter,
@@ -244,6 +247,11 @@ impl Metrics {
                 "pod_identity_connections_denied_total",
                 "Connections to the agent refused in the kernel (EPERM) by the per-pod connect rate or open-connection cap, by namespace.",
                 &["namespace"],
+            )?,
+            kernel_events: counter_vec(
+                "pod_identity_kernel_events_total",
+                "Events the eBPF programs counted, node-wide: connects refused (open_cap_refused, rate_refused, open_state_full, cookie_record_failed), connections left unrecorded (conn_record_failed, record_missing, tuple_collision), and others.",
+                &["event"],
             )?,
             binding: counter_vec(
                 "pod_identity_binding_total",

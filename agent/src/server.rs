@@ -344,13 +344,23 @@ fn attach_programs(
         connect_rate: a.pod_connect.per_second,
         connect_burst: a.pod_connect.burst,
         pod_parents: pod_parents.clone(),
-        // The kernel's cap also keeps one pod from filling the record maps: never below its
-        // default; the agent holds each pod to `--pod-max-connections` (see `Attribution::admit`).
-        max_open_per_pod: ebpf::DEFAULT_MAX_OPEN_PER_POD.max(a.pod_max_connections),
+        max_open_per_pod: kernel_open_cap(a.pod_max_connections),
+        max_pods: a.max_pods,
     })?;
     tracing::info!(cgroup_root = %cgroup_root.display(), pod_parents = pod_parents.len(), "eBPF attribution attached");
     let resolver = Arc::new(CgroupResolver::new(mount_root, scope, layout));
     Ok((programs, resolver))
+}
+
+/// The kernel's cap on one pod's open connections (and on all callers outside pods together),
+/// from `--pod-max-connections` (the agent's own cap, at accept). Above it: the kernel counts a
+/// connection from `connect()` to its close, including those the agent closes at once at its cap
+/// and those closing meanwhile. With `--max-pods`, it sizes the record maps.
+fn kernel_open_cap(pod_max_connections: u32) -> u32 {
+    match pod_max_connections {
+        0 => ebpf::DEFAULT_MAX_OPEN_PER_POD,
+        cap => cap.saturating_mul(4).max(64),
+    }
 }
 
 /// Off the request path, every [`BACKGROUND_EVERY`] until shutdown: adds the kernel's
@@ -366,6 +376,7 @@ async fn background(
     shutdown: CancellationToken,
 ) {
     let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut events_seen = ebpf::KernelEvents::default();
     let mut tick = tokio::time::interval(BACKGROUND_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -380,20 +391,22 @@ async fn background(
             metrics.clone(),
         );
         let before = std::mem::take(&mut seen);
+        let events_before = events_seen;
         let work = tokio::task::spawn_blocking(move || {
             attribution.prune();
             match &programs {
                 Some(programs) => {
                     // Counted first: pruning drops the counters of pods that are gone.
                     let after = count_denied(programs, &attribution, &namespaces, &metrics, before);
+                    let events = count_kernel_events(programs, &metrics, events_before);
                     maintain_kernel_state(programs, &attribution);
-                    after
+                    (after, events)
                 }
-                None => before,
+                None => (before, events_before),
             }
         });
         match work.await {
-            Ok(after) => seen = after,
+            Ok((after, events)) => (seen, events_seen) = (after, events),
             Err(e) => tracing::warn!(error = %e, "refreshing the kernel counters failed"),
         }
     }
@@ -419,6 +432,30 @@ fn maintain_kernel_state(programs: &Programs, attribution: &Attribution) {
             tracing::warn!(error = %crate::error_chain(&e), "pruning the kernel's per-pod state")
         }
     }
+}
+
+/// Adds to `pod_identity_kernel_events_total` what the programs counted since `before`; returns
+/// the new totals.
+fn count_kernel_events(
+    programs: &Programs,
+    metrics: &Metrics,
+    before: ebpf::KernelEvents,
+) -> ebpf::KernelEvents {
+    let now = match programs.kernel_events() {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "reading the kernel's event counters");
+            return before;
+        }
+    };
+    // Every series, zeros too, so that alerts on `increase()` see them from the start.
+    for ((event, total), (_, counted)) in now.labelled().into_iter().zip(before.labelled()) {
+        metrics
+            .kernel_events
+            .with_label_values(&[event])
+            .inc_by(total.saturating_sub(counted));
+    }
+    now
 }
 
 /// Adds what each cgroup was refused since `before` (cgroup id → refusals already counted);

@@ -190,8 +190,11 @@ impl Node {
             ],
             connect_rate: rate,
             connect_burst: burst,
-            pod_parents: Vec::new(),
+            // Each cgroup directly below the node's root is a pod; callers in the root itself
+            // are outside pods.
+            pod_parents: vec![self.cgroup.clone()],
             max_open_per_pod: DEFAULT_MAX_OPEN_PER_POD,
+            max_pods: 16,
         }
     }
 
@@ -761,6 +764,80 @@ fn a_pod_at_its_open_connection_cap_is_refused_alone() {
     );
     neighbour.finish();
     assert!(programs.kernel_events().unwrap().open_cap_refused >= 2);
+}
+
+/// A node user's many cgroups are one key: together they hold at most one cap of connections.
+#[test]
+fn callers_outside_pods_share_one_open_connection_cap() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::new();
+    let programs = attach(&AttachConfig {
+        pod_parents: vec![node.cgroup("kubepods")],
+        max_open_per_pod: 3,
+        ..node.config(0, 0)
+    });
+    let first = node.client("user.slice/app.slice/atk0", node.v4(), 2, "stdin");
+    assert_eq!(first.outcomes(2), ["ok", "ok"]);
+    let second = node.client("user.slice/app.slice/atk1", node.v6(), 2, "stdin");
+    assert_eq!(second.outcomes(2), ["ok", "eperm"], "one budget for both");
+    let third = node.client("system.slice/other", node.v4(), 1, "stdin");
+    assert_eq!(third.outcomes(1), ["eperm"]);
+    // A pod has its own.
+    let pod = node.client("kubepods/pod-x", node.v4(), 3, "stdin");
+    assert_eq!(pod.outcomes(3), ["ok", "ok", "ok"]);
+    let shared = programs
+        .connect_counters()
+        .unwrap()
+        .into_iter()
+        .find(|(key, _)| *key == agent_common::NON_POD_KEY)
+        .map(|(_, c)| c)
+        .expect("the non-pod key is counted");
+    assert_eq!((shared.open, shared.denied), (3, 2));
+    assert!(
+        programs
+            .prune_connect_state(|_| false)
+            .unwrap()
+            .open_counters
+            >= 1,
+        "the pod's counter is pruned when it looks gone"
+    );
+    assert!(
+        programs
+            .connect_counters()
+            .unwrap()
+            .iter()
+            .any(|(key, _)| *key == agent_common::NON_POD_KEY),
+        "the non-pod key never is"
+    );
+    for c in [first, second, third, pod] {
+        c.finish();
+    }
+}
+
+/// The agent closing its end ends the connection for the record, whatever the client does with
+/// its socket (`CLOSE_WAIT`).
+#[test]
+fn a_record_goes_when_the_agent_closes_while_the_client_holds_its_socket() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::new();
+    let programs = node.attach(0, 0);
+    let callers = programs.callers();
+    let pod_a = node.cgroup("pod-a");
+    let client = node.client("pod-a", node.v4(), 1, "stdin");
+    assert_eq!(client.outcomes(1), ["ok"]);
+    let (stream, peer) = accept(&node.listeners.v4);
+    let local = stream.local_addr().unwrap();
+    assert!(callers.take(peer, local).is_some());
+    drop(stream);
+    eventually("record released at CLOSE_WAIT", || {
+        callers.take(peer, local).is_none()
+    });
+    assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(0));
+    client.finish();
 }
 
 #[test]

@@ -225,3 +225,31 @@ pub fn attached_programs(dir: &Path, attach_type: BpfAttachType) -> Result<u32> 
     }
     Ok(attr.prog_cnt)
 }
+
+/// Delegates `dir` (created if missing) to `uid` as systemd does for `user@<uid>.service`: the
+/// directory and its `cgroup.procs`, `cgroup.threads` and `cgroup.subtree_control` become the
+/// user's, so it can make cgroups below and move its own processes between them.
+pub fn delegate(dir: &Path, uid: u32) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for path in [
+        dir.to_path_buf(),
+        dir.join("cgroup.procs"),
+        dir.join("cgroup.threads"),
+        dir.join("cgroup.subtree_control"),
+    ] {
+        std::os::unix::fs::chown(&path, Some(uid), Some(uid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The system's Python, which any user can run (a `python3` on root's `PATH` may be a shim in
+/// root's home).
+#[must_use]
+pub fn system_python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}

@@ -6,12 +6,13 @@
 //!
 //! Needs root, cgroup v2, eBPF, `setpriv` and `nsenter` (util-linux), and the agent binary.
 
-use std::os::unix::fs::{PermissionsExt as _, chown};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, wait_audit_records};
+use e2e::cgroup::{delegate, system_python};
 use e2e::clients::Family;
 use e2e::fake_eks_auth::decode_unverified;
 use e2e::node::{PodSpec, SimNode};
@@ -37,16 +38,6 @@ r = conn.getresponse()
 print(json.dumps({'pid': os.getpid(), 'uid': os.getuid(), 'cgroup': cgroup, 'status': r.status,
                   'body': r.read().decode('utf-8', 'replace')}))
 ";
-
-/// The system's Python, which any user can run (a `python3` on root's `PATH` may be a shim in
-/// root's home).
-fn system_python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// Runs [`SPOOF`] as `uid` in the network namespace `netns`: root first moves the shell into
 /// `start` (where a delegated user's session would be), then drops to `uid`; the caller then makes
@@ -78,21 +69,12 @@ fn spoof(netns: &str, start: &Path, uid: u32, leaf: &Path, token_file: &Path) ->
 }
 
 /// `user.slice/user-1000.slice/user@1000.service` under the node's cgroup root, delegated to the
-/// user as systemd does it: the directory and its `cgroup.procs`, `cgroup.threads` and
-/// `cgroup.subtree_control` belong to the user.
+/// user as systemd does it.
 fn delegate_user_subtree(node: &SimNode) -> std::path::PathBuf {
     let dir = node
         .cgroup_root()
         .join(format!("user.slice/user-{USER}.slice/user@{USER}.service"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for path in [
-        dir.clone(),
-        dir.join("cgroup.procs"),
-        dir.join("cgroup.threads"),
-        dir.join("cgroup.subtree_control"),
-    ] {
-        chown(&path, Some(USER), Some(USER)).unwrap();
-    }
+    delegate(&dir, USER).unwrap();
     dir
 }
 

@@ -67,6 +67,12 @@ impl Callers {
                 return None;
             }
         };
+        // The client completes its handshake before the agent can accept; a record that never
+        // did belongs to a socket of another namespace holding the same 4-tuple, not this peer.
+        if record.established == 0 {
+            tracing::debug!(%peer, "ignoring a record whose socket never completed a handshake");
+            return None;
+        }
         let age = monotonic_now_ns().saturating_sub(record.ktime_ns);
         if u128::from(age) > self.ttl.as_nanos() {
             tracing::debug!(%peer, age_ms = age / 1_000_000, "ignoring a stale caller record");
