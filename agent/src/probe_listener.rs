@@ -2,12 +2,14 @@
 //! what a probe or a scrape needs, so that whoever reaches the port (any pod, on the metrics
 //! port's default address) cannot grow the agent's memory or keep Prometheus out.
 //!
-//! - A few connections (`max_connections`), one request each (`Connection: close`), heads of at
-//!   most hyper's smallest buffer (8 KiB) sent within `header_read_timeout`.
-//! - When every slot is taken, the connection that has waited longest for its head is closed to
-//!   make room: a client that never finishes its head cannot hold the port, and a scrape, which
-//!   sends its head at once, always gets in. Connections are accepted as they come, so the
-//!   kernel's accept queue never fills behind slow clients.
+//! - A few connections (`max_connections`), one request each (`Connection: close`): at most
+//!   `max_head_bytes` read from each (a scrape's head is a few hundred bytes; a longer one is
+//!   cut, and the connection closed at once), sent within `header_read_timeout`.
+//! - When every slot is taken, the connection that has waited longest for its head (among those
+//!   that have had their turn to read it) is closed to make room: a client that never finishes its
+//!   head cannot hold the port, and a scrape, which sends its head at once, gets in.
+//!   Connections are accepted as they come, so the kernel's accept queue does not fill behind
+//!   slow clients.
 //! - The unspecified address (`--metrics-address 0.0.0.0`, the default, or `::`) serves IPv4 and
 //!   IPv6 on one dual-stack socket (`[::]`, `IPV6_V6ONLY` off); where the host has no IPv6, IPv4
 //!   only, with a warning. Any other address binds just that.
@@ -21,6 +23,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +35,7 @@ use crate::probes::Probes;
 pub struct Limits {
     /// Open connections at most; past it, the oldest still sending its head is closed.
     pub max_connections: usize,
-    /// Bound on a request's head (hyper's smallest: 8 KiB).
+    /// Bytes read from a connection at most: its request's head.
     pub max_head_bytes: usize,
     /// Time a client gets to send its head, and then to read the answer.
     pub header_read_timeout: Duration,
@@ -41,7 +44,7 @@ pub struct Limits {
 /// A scrape or a probe needs one connection for a moment and a head of a few hundred bytes.
 pub const LIMITS: Limits = Limits {
     max_connections: 128,
-    max_head_bytes: 8 * 1024,
+    max_head_bytes: 4 * 1024,
     header_read_timeout: Duration::from_secs(2),
 };
 
@@ -115,7 +118,8 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(false)
-        .max_buf_size(limits.max_head_bytes)
+        // hyper's smallest buffer; the reads are cut at `max_head_bytes` below.
+        .max_buf_size(8 * 1024)
         .max_headers(32)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
@@ -133,16 +137,25 @@ pub async fn serve(
             },
         };
         if connections.open.load(Ordering::Relaxed) >= limits.max_connections {
-            let oldest = connections.waiting().pop_first();
-            match oldest {
-                Some((_, close)) => close.cancel(),
-                // Every slot is answering: this one waits for none.
-                None => continue,
+            // Room is made, or comes: answers end within their timeout, and connections not
+            // yet read from are read at the runtime's next turn.
+            loop {
+                let oldest = connections.waiting().pop_first();
+                if let Some((_, close)) = oldest {
+                    close.cancel();
+                    break;
+                }
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+                if connections.open.load(Ordering::Relaxed) < limits.max_connections {
+                    break;
+                }
             }
         }
         seq += 1;
         let close = shutdown.child_token();
-        connections.waiting().insert(seq, close.clone());
         connections.open.fetch_add(1, Ordering::Relaxed);
         let open = Open {
             connections: connections.clone(),
@@ -150,8 +163,11 @@ pub async fn serve(
         };
         let probes = probes.clone();
         let answer_within = limits.header_read_timeout;
+        // Past its head, a connection's reads end (hyper then sees an incomplete head and closes).
+        let (read, write) = stream.into_split();
+        let io = tokio::io::join(read.take(u64::try_from(limits.max_head_bytes).unwrap_or(u64::MAX)), write);
         let conn = builder.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(io),
             service_fn(move |req| {
                 // The head is in: no longer the first to be closed for room.
                 open.connections.waiting().remove(&open.seq);
@@ -159,7 +175,11 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(response) }
             }),
         );
+        let waiting = connections.clone();
         tokio::spawn(async move {
+            // Only now, at its first turn to read, may it be closed for room: one accepted just
+            // before a burst is not closed before its head could be read.
+            waiting.waiting().insert(seq, close.clone());
             tokio::select! {
                 () = close.cancelled() => {}
                 done = tokio::time::timeout(2 * answer_within, conn) => match done {

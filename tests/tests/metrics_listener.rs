@@ -41,7 +41,7 @@ fn metrics_are_served_over_ipv4_and_ipv6_by_default_and_on_one_address_when_told
     for addr in [v4(METRICS_PORT), v6(METRICS_PORT)] {
         let (status, body) = scrape(node.netns(), addr).unwrap();
         assert_eq!(status, 200, "{addr}: {body}");
-        assert!(body.contains("pod_identity_http_response"), "{addr}");
+        assert!(body.contains("pod_identity_ebpf_attached"), "{addr}");
     }
     // The probe port stays on 127.0.0.1.
     assert_eq!(
@@ -191,7 +191,7 @@ fn slow_partial_heads_neither_grow_memory_nor_keep_a_scrape_out() {
             let took = started.elapsed();
             let r = r.unwrap_or_else(|e| panic!("scrape of {addr} under the flood: {e:#}"));
             assert_eq!(r.status, 200, "{addr}: {}", r.body_text());
-            assert!(r.body_text().contains("pod_identity_http_response"));
+            assert!(r.body_text().contains("pod_identity_ebpf_attached"));
             slowest = slowest.max(took);
             scrapes += 1;
         }
