@@ -370,8 +370,8 @@ mod tests {
     }
 
     /// kube-rs's own retry of 429, 503 and 504 is off in the agent's client.
-    #[test]
-    fn the_client_has_no_built_in_retry() {
+    #[tokio::test]
+    async fn the_client_has_no_built_in_retry() {
         let mut kube_config = kube::Config::new("https://10.100.0.1:443".parse().unwrap());
         assert!(kube_config.default_retry, "kube-rs's default");
         let config = crate::config::KubernetesConfig {
