@@ -70,7 +70,13 @@ fn drop_this_thread() -> bool {
         // prctl reads its arguments as unsigned longs: pass them so (a variadic int would
         // leave the upper half undefined).
         let none: libc::c_ulong = 0;
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, none, none, none);
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            none,
+            none,
+            none,
+        );
         if DROP_BOUNDING.load(Ordering::Relaxed) {
             // Bounding before the rest: dropping from it needs CAP_SETPCAP in effect.
             let mut cap: libc::c_ulong = 0;

@@ -165,7 +165,10 @@ pub async fn serve(
         let answer_within = limits.header_read_timeout;
         // Past its head, a connection's reads end (hyper then sees an incomplete head and closes).
         let (read, write) = stream.into_split();
-        let io = tokio::io::join(read.take(u64::try_from(limits.max_head_bytes).unwrap_or(u64::MAX)), write);
+        let io = tokio::io::join(
+            read.take(u64::try_from(limits.max_head_bytes).unwrap_or(u64::MAX)),
+            write,
+        );
         let conn = builder.serve_connection(
             TokioIo::new(io),
             service_fn(move |req| {
@@ -182,10 +185,11 @@ pub async fn serve(
             waiting.waiting().insert(seq, close.clone());
             tokio::select! {
                 () = close.cancelled() => {}
-                done = tokio::time::timeout(2 * answer_within, conn) => match done {
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "probe connection ended with an error"),
-                    Ok(Ok(())) | Err(_) => {}
-                },
+                done = tokio::time::timeout(2 * answer_within, conn) => {
+                    if let Ok(Err(e)) = done {
+                        tracing::debug!(%peer, error = %e, "probe connection ended with an error");
+                    }
+                }
             }
         });
     }

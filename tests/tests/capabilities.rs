@@ -289,8 +289,9 @@ fn the_server_gives_up_every_capability_once_set_up_and_still_attributes_and_enf
             .metrics()
             .unwrap()
             .lines()
-            .any(|l| l.starts_with("pod_identity_connections_denied_total")
-                && !l.ends_with(" 0"))),
+            .any(
+                |l| l.starts_with("pod_identity_connections_denied_total") && !l.ends_with(" 0")
+            )),
         "the refusals were never read from the kernel's maps:\n{}",
         agent.metrics().unwrap()
     );

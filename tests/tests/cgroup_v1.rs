@@ -32,9 +32,8 @@ fn without_cgroup2() -> Vec<OsString> {
 
 #[test]
 fn without_cgroup_v2_audit_serves_unattributed_and_enforce_refuses_to_start() {
-    if !e2e::privileged(
-        "without_cgroup_v2_audit_serves_unattributed_and_enforce_refuses_to_start",
-    ) {
+    if !e2e::privileged("without_cgroup_v2_audit_serves_unattributed_and_enforce_refuses_to_start")
+    {
         return;
     }
     let (node, fake, [web]) = node_with_web_pods("e2e-cgv1", ["web-0"]).unwrap();
@@ -76,7 +75,10 @@ fn without_cgroup_v2_audit_serves_unattributed_and_enforce_refuses_to_start() {
         }
         .args(["--token-binding", "enforce"]),
     );
-    let err = format!("{:#}", refused.expect_err("enforce must not start without cgroup v2"));
+    let err = format!(
+        "{:#}",
+        refused.expect_err("enforce must not start without cgroup v2")
+    );
     assert!(
         err.contains("--token-binding enforce needs the eBPF programs")
             && err.contains("no cgroup v2 hierarchy on this node"),
@@ -93,12 +95,14 @@ fn a_cgroup_root_outside_the_cgroup2_hierarchy_is_the_same() {
     web.refresh_token(&fake).unwrap();
     let elsewhere = node.dir().join("not-a-cgroup");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let args = || AgentArgs {
-        cgroup_root: false,
-        ready_timeout: Duration::from_secs(10),
-        ..AgentArgs::default()
-    }
-    .args(["--cgroup-root", elsewhere.to_str().unwrap()]);
+    let args = || {
+        AgentArgs {
+            cgroup_root: false,
+            ready_timeout: Duration::from_secs(10),
+            ..AgentArgs::default()
+        }
+        .args(["--cgroup-root", elsewhere.to_str().unwrap()])
+    };
     let agent = AgentProcess::start(&node, &fake, args()).unwrap();
     let creds = web
         .fetch_with_botocore(CREDENTIALS_URI_V4)
@@ -113,5 +117,8 @@ fn a_cgroup_root_outside_the_cgroup2_hierarchy_is_the_same() {
         AgentProcess::start(&node, &fake, args().args(["--token-binding", "enforce"]))
             .expect_err("enforce must not start")
     );
-    assert!(err.contains("not a directory below the cgroup2 mount"), "{err}");
+    assert!(
+        err.contains("not a directory below the cgroup2 mount"),
+        "{err}"
+    );
 }

@@ -45,12 +45,25 @@ fn metrics_are_served_over_ipv4_and_ipv6_by_default_and_on_one_address_when_told
     }
     // The probe port stays on 127.0.0.1.
     assert_eq!(
-        http_get_in(node.netns(), v4(PROBE_PORT), "/readyz", Duration::from_secs(2))
-            .unwrap()
-            .status,
+        http_get_in(
+            node.netns(),
+            v4(PROBE_PORT),
+            "/readyz",
+            Duration::from_secs(2)
+        )
+        .unwrap()
+        .status,
         200
     );
-    assert!(http_get_in(node.netns(), v6(PROBE_PORT), "/readyz", Duration::from_secs(2)).is_err());
+    assert!(
+        http_get_in(
+            node.netns(),
+            v6(PROBE_PORT),
+            "/readyz",
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
     assert!(agent.stop().unwrap().success());
 
     // An explicit address is the only one served.
@@ -119,9 +132,11 @@ async fn flood_clients(flood: Arc<Flood>, addr: SocketAddr, n: usize) {
         let (flood, head) = (flood.clone(), head.clone());
         clients.spawn(async move {
             while !flood.stop.load(Ordering::Relaxed) {
-                let Ok(Ok(mut stream)) =
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                        .await
+                let Ok(Ok(mut stream)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
                 else {
                     continue;
                 };
@@ -174,7 +189,9 @@ fn slow_partial_heads_neither_grow_memory_nor_keep_a_scrape_out() {
 
     // Let the flood reach its strength: thousands of heads sent and held or reopened.
     assert!(
-        e2e::wait_for(Duration::from_secs(20), || flood.dropped.load(Ordering::Relaxed)
+        e2e::wait_for(Duration::from_secs(20), || flood
+            .dropped
+            .load(Ordering::Relaxed)
             + flood.open.load(Ordering::Relaxed)
             >= 5000),
         "the flood never got going"
@@ -209,7 +226,10 @@ fn slow_partial_heads_neither_grow_memory_nor_keep_a_scrape_out() {
         "flood: {dropped} connections closed by the agent, {open} held at the end; {scrapes} scrapes, \
          slowest {slowest:?}; agent RSS at most {most_rss} KiB"
     );
-    assert!(dropped > 0, "the agent closed none of the flood's connections");
+    assert!(
+        dropped > 0,
+        "the agent closed none of the flood's connections"
+    );
     assert!(
         slowest < Duration::from_secs(1),
         "a scrape took {slowest:?} under the flood"

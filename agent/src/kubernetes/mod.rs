@@ -82,7 +82,11 @@ impl<A: KubeApi> Deadlined<A> {
     ) -> Result<T, kube::Error> {
         tokio::time::timeout(self.deadline, call)
             .await
-            .unwrap_or_else(|_| Err(kube::Error::Service(Box::new(DeadlineExceeded(self.deadline)))))
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(Box::new(DeadlineExceeded(
+                    self.deadline,
+                ))))
+            })
     }
 }
 
@@ -350,7 +354,7 @@ mod tests {
     /// A hung call ends at its deadline, as an error the callers count.
     #[tokio::test(start_paused = true)]
     async fn a_hung_call_ends_at_its_deadline() {
-        use super::{Deadlined, DeadlineExceeded, KubeApi};
+        use super::{DeadlineExceeded, Deadlined, KubeApi};
         let api = super::fake::FakeApi::with_node("n", vec![]);
         api.state().hang = true;
         let deadline = std::time::Duration::from_secs(10);
