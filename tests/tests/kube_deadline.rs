@@ -18,16 +18,7 @@ const KEY: &str = "eks-pod-identity-agent.amazonaws.com/agent-not-ready";
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn kube_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
-    let kubeconfig = node.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    AgentArgs {
-        env: vec![
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            ("NODE_NAME".into(), node.name().to_owned()),
-        ],
-        ..AgentArgs::default()
-    }
-    .args(["--pod-events", "--remove-startup-taint"])
+    fake_kube_api::agent_args(node, api).args(["--pod-events", "--remove-startup-taint"])
 }
 
 fn get(pod: &e2e::node::Pod, token: &str) -> u16 {
