@@ -30,6 +30,10 @@ ORIGINAL_RENDERS = ROOT / "tests/fixtures/original-chart"
 ALERTS = ROOT / "deploy/prometheus/alerts.yaml"
 ALERTS_TEST = ROOT / "deploy/prometheus/alerts_test.yaml"
 DASHBOARD = ROOT / "deploy/grafana/eks-pod-identity-agent.json"
+RUNBOOKS = ROOT / "deploy/runbooks.md"
+# Every alert's runbook_url, as alerts.yaml writes it: a path in the repository, before
+# metrics.prometheusRule.runbookBaseUrl.
+RUNBOOK_PATH = "deploy/runbooks.md"
 METRICS_SOURCE = ROOT / "agent/src/metrics.rs"
 
 # What the original's fixtures were rendered with (and what the add-on uses).
@@ -47,10 +51,12 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "${instance:regex}": ".*",
     "$instance": ".*",
+    "$cluster": ".*",
     "$job": ".*",
 }
 
 failures: list[str] = []
+APP_VERSION = ""  # Chart.yaml's appVersion, read in main()
 
 
 def report(name: str, problem: str | None, detail: str = "") -> None:
@@ -110,7 +116,7 @@ def case_values() -> dict[str, dict]:
 def check_versions() -> None:
     """The chart's appVersion is the default image tag: it must be the agent's version."""
     workspace = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
-    app = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    app = APP_VERSION
     report(
         "chart appVersion",
         None if str(app) == workspace else f"Chart.yaml appVersion {app} != workspace version {workspace}",
@@ -118,8 +124,187 @@ def check_versions() -> None:
     )
 
 
+def daemonset(manifests: dict[str, str], name: str = RELEASE) -> dict:
+    """The DaemonSet `name` of a render."""
+    return next(d for d in documents(as_text(manifests)) if d.get("kind") == "DaemonSet" and d["metadata"]["name"] == name)
+
+
+def render_error(values: dict) -> str | None:
+    """Helm's error when the chart refuses these values, None when it renders."""
+    try:
+        render(values)
+    except Exception as e:  # noqa: BLE001 - Helm's errors have many types.
+        return str(e)
+    return None
+
+
+def check_image(cases: dict[str, dict]) -> None:
+    """No phantom image: without image.override or image.repository the chart refuses to render, naming
+    image.override, instead of composing a reference that exists nowhere. The original chart names AWS's Go
+    agent with containerRegistry and tag alone (<registry>/eks/eks-pod-identity-agent:<tag>); an operator's
+    original values file (ORIGINAL_VALUES, whole) without an image of ours must fail, not render
+    <registry>/eks-pod-identity-agent:<their tag>."""
+    original = yaml.safe_load(ORIGINAL_VALUES.read_text())
+    without_ours = copy.deepcopy(original)
+    without_ours["image"].pop("override", None)
+    registry = without_ours["image"]["containerRegistry"]
+    for name, values, must_name in [
+        ("original values file without image.override", without_ours, ["image.override", registry]),
+        ("the chart's defaults", {"clusterName": "c"}, ["image.override"]),
+    ]:
+        error = render_error(values)
+        if error is None:
+            problem = "rendered, with image " + daemonset(render(values))["spec"]["template"]["spec"]["containers"][0]["image"]
+        else:
+            missing = [m for m in must_name if m not in error]
+            problem = f"the error does not name {missing}: {error}" if missing else None
+        report(f"no phantom image: {name}", problem, "refused, naming " + ", ".join(must_name))
+    # And what an operator sets is what the pods run.
+    base = cases.get("cloud", {})
+    for image, want in [
+        ({"override": "registry.example.com/agent:1.2.3"}, "registry.example.com/agent:1.2.3"),
+        ({**without_ours["image"], "override": "registry.example.com/agent:1.2.3"}, "registry.example.com/agent:1.2.3"),
+        ({"containerRegistry": "registry.example.com/", "repository": "team/agent"}, f"registry.example.com/team/agent:{APP_VERSION}"),
+        ({"repository": "registry.example.com/agent", "tag": "1.2.3"}, "registry.example.com/agent:1.2.3"),
+    ]:
+        try:
+            spec = daemonset(render({**base, "image": image}))["spec"]["template"]["spec"]
+            got = {c["image"] for c in spec["containers"] + spec.get("initContainers", [])}
+            problem = None if got == {want} else f"images {sorted(got)}, want {want}"
+        except Exception as e:  # noqa: BLE001
+            problem = f"render failed: {e}"
+        report(f"image {image}", problem, want)
+
+
+def check_empty_values(cases: dict[str, dict]) -> None:
+    """An empty value clears the chart's default, as Helm users expect of `resources: {}` (Helm merges a
+    user's map into the chart's, so the chart keeps such defaults out of values.yaml). Each case: the field
+    is there by default (where the chart has a default) and gone with the empty value."""
+    base = cases.get("cloud", {})
+    pod = lambda d: d["spec"]["template"]["spec"]  # noqa: E731
+    server = lambda d: pod(d)["containers"][0]  # noqa: E731
+    init = lambda d: pod(d)["initContainers"][0]  # noqa: E731
+    empty_cases = [
+        ({"resources": {}}, "server container's resources", lambda d: server(d).get("resources"), True),
+        ({"tolerations": []}, "tolerations", lambda d: pod(d).get("tolerations"), True),
+        ({"affinity": {}}, "affinity", lambda d: pod(d).get("affinity"), True),
+        ({"podAnnotations": {}}, "pod annotations", lambda d: d["spec"]["template"]["metadata"].get("annotations"), True),
+        ({"nodeSelector": {}}, "nodeSelector", lambda d: pod(d).get("nodeSelector"), False),
+        ({"imagePullSecrets": []}, "imagePullSecrets", lambda d: pod(d).get("imagePullSecrets"), False),
+        ({"podLabels": {}}, "pod labels beyond the selector's",
+         lambda d: {k: v for k, v in d["spec"]["template"]["metadata"]["labels"].items() if not k.startswith("app.kubernetes.io/")}, False),
+        ({"agent": {"additionalArgs": {}}}, "server -v flag", lambda d: "-v" in server(d)["args"], False),
+        ({"init": {"additionalArgs": {}}}, "init container's args", lambda d: init(d).get("args"), False),
+    ]
+    defaults = daemonset(render(base))
+    for patch, what, field, has_default in empty_cases:
+        try:
+            got = field(daemonset(render(deep_merge(base, patch))))
+        except Exception as e:  # noqa: BLE001
+            report(f"empty value clears {what}", f"render failed: {e}")
+            continue
+        problems = []
+        if has_default and not field(defaults):
+            problems.append("the chart has no default for it to clear")
+        if got:
+            problems.append(f"still rendered: {got}")
+        report(f"empty value clears {what}", "; ".join(problems) or None, json.dumps(patch))
+
+    # A map of the user's is merged into those defaults, as Helm merges values (and a null drops a key).
+    for patch, what, field, want in [
+        ({"resources": {"requests": {"cpu": "50m"}}}, "resources", lambda d: server(d)["resources"],
+         {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
+        ({"resources": {"limits": None}}, "resources", lambda d: server(d)["resources"],
+         {"requests": {"cpu": "25m", "memory": "32Mi"}}),
+        ({"podAnnotations": {"example.com/team": "platform"}}, "pod annotations",
+         lambda d: d["spec"]["template"]["metadata"]["annotations"],
+         {"example.com/team": "platform", "prometheus.io/port": "2705", "prometheus.io/scrape": "true"}),
+    ]:
+        got = field(daemonset(render(deep_merge(base, patch))))
+        report(f"a map merges into the default {what}", None if got == want else f"got {got}, want {want}", json.dumps(patch))
+
+
+def check_metrics_port(cases: dict[str, dict]) -> None:
+    """As in the original chart: the `metrics` container port (a host port, on the host network) only
+    when metrics are enabled, and then no Service or monitors selecting it; the probes ask the probe
+    port, so they do not depend on it."""
+    base = cases.get("cloud", {})
+    for enabled in (True, False):
+        values = deep_merge(base, {"metrics": {"enabled": enabled, "podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}})
+        manifests = render(values)
+        ds = daemonset(manifests)
+        container = ds["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        kinds = sorted(d["kind"] for d in documents(as_text(manifests)) if d["kind"] != "DaemonSet")
+        problems = []
+        if ("metrics" in ports) != enabled:
+            problems.append(f"container ports {ports}")
+        if enabled != bool({"Service", "ServiceMonitor", "PodMonitor"} & set(kinds)):
+            problems.append(f"objects {kinds}")
+        for probe in ("livenessProbe", "readinessProbe"):
+            if container[probe]["httpGet"]["port"] != "probes-port" or "probes-port" not in ports:
+                problems.append(f"{probe} asks {container[probe]['httpGet']['port']}")
+        report(f"metrics port declared only when enabled (metrics.enabled={enabled})", "; ".join(problems) or None,
+               f"ports {sorted(ports)}, objects {kinds}")
+
+
+# Values that map to an agent flag, rendered only when set so that the agent's default applies otherwise:
+# (values, the flag, the argument).
+FLAG_VALUES = [
+    ({"agent": {"eksAuth": {"connectTimeout": "2s"}}}, "--eks-auth-connect-timeout", "2s"),
+    ({"agent": {"eksAuth": {"attemptTimeout": "1500ms"}}}, "--eks-auth-attempt-timeout", "1500ms"),
+    ({"agent": {"eksAuth": {"callTimeout": "10s"}}}, "--eks-auth-call-timeout", "10s"),
+    ({"attribution": {"maxPods": 250}}, "--max-pods", "250"),
+    ({"metrics": {"address": "::"}}, "--metrics-address", "::"),
+    ({"tokenValidation": {"audience": "delegate.example"}}, "--token-audience", "delegate.example"),
+]
+
+
+def check_token_validation(cases: dict[str, dict]) -> None:
+    """Token validation's RBAC, token and state volume come with it, and go with `mode: off`."""
+    base = cases.get("cloud", {})
+    for mode, validating in (("auto", True), ("on", True), ("off", False), (False, False)):
+        objects = documents(as_text(render(deep_merge(base, {"tokenValidation": {"mode": mode}}))))
+        ds = next(d for d in objects if d.get("kind") == "DaemonSet")
+        pod = ds["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        mounts = {m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        bindings = [o for o in objects if o.get("kind") == "ClusterRoleBinding"
+                    and o["roleRef"]["name"] == "system:service-account-issuer-discovery"]
+        want = "off" if mode is False else mode
+        problems = []
+        if [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--token-validation"] != [want]:
+            problems.append(f"--token-validation not {want}: {args}")
+        if pod.get("automountServiceAccountToken") != validating:
+            problems.append(f"automountServiceAccountToken {pod.get('automountServiceAccountToken')}")
+        if (len(bindings) == 1) != validating:
+            problems.append(f"{len(bindings)} issuer-discovery bindings")
+        if (("state" in mounts and "state" in volumes and "--state-dir" in args)) != validating:
+            problems.append(f"state volume {sorted(volumes)} / mounts {sorted(mounts)}")
+        if validating and volumes["state"]["hostPath"]["path"] != "/var/lib/eks-pod-identity-agent":
+            problems.append(f"state hostPath {volumes['state']['hostPath']}")
+        report(f"tokenValidation.mode={mode}: RBAC, token and state volume", "; ".join(problems) or None)
+
+
+def check_flag_values(cases: dict[str, dict]) -> None:
+    base = cases.get("cloud", {})
+    default_args = daemonset(render(base))["spec"]["template"]["spec"]["containers"][0]["args"]
+    for patch, flag, value in FLAG_VALUES:
+        args = daemonset(render(deep_merge(base, patch)))["spec"]["template"]["spec"]["containers"][0]["args"]
+        pairs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+        problems = []
+        if flag in default_args:
+            problems.append(f"{flag} rendered without the value")
+        if pairs != [value]:
+            problems.append(f"with the value, {flag} is given {pairs}, want [{value!r}]")
+        report(f"value {json.dumps(patch)} -> {flag}", "; ".join(problems) or None)
+
+
 def check_lint(cases: dict[str, dict]) -> None:
-    for name, values in [("defaults", None), *cases.items()]:
+    # The defaults name no image (check_image): lint them with one, or lint would only see the `fail`.
+    defaults = {"image": {"override": "registry.example.com/eks-pod-identity-agent:lint"}}
+    for name, values in [("defaults", defaults), *cases.items()]:
         result = chart.lint(CHART, values, strict=False)
         errors = list(result.get("errors") or []) + [
             f"{m['path']}: {m['error']}" for m in result.get("messages") or [] if m.get("severity", 0) >= 3
@@ -227,6 +412,14 @@ def check_original_compat() -> None:
             missing = {k: v for k, v in t["spec"]["template"]["metadata"]["labels"].items() if pod_labels.get(k) != v}
             if missing:
                 problems.append(f"{name}: pod labels lack {missing}")
+            # The SELinux label (hybrid-bottlerocket: spc_t) on both of our containers, as on the original's
+            # server container (its init container is privileged; ours is not, so it needs the label too).
+            label = (t["spec"]["template"]["spec"]["containers"][0].get("securityContext") or {}).get("seLinuxOptions")
+            spec = o["spec"]["template"]["spec"]
+            for container in spec["containers"] + spec.get("initContainers", []):
+                if (container.get("securityContext") or {}).get("seLinuxOptions") != label:
+                    problems.append(f"{name}/{container['name']}: seLinuxOptions "
+                                    f"{(container.get('securityContext') or {}).get('seLinuxOptions')} != the original's {label}")
         report(f"original chart compatibility {fixture.stem}", "; ".join(problems) or None, ", ".join(sorted(ours)))
 
 
@@ -260,13 +453,47 @@ def check_alerts(rendered: dict[str, str], known: set[str]) -> None:
     report("alert tests cover every alert", f"without a firing and a quiet case: {untested}" if untested else None,
            f"{len(alerts)} alerts")
 
-    # One source: the chart's PrometheusRule carries exactly the rule file's groups.
-    rule_objects = [d for text in rendered.values() for d in documents(text) if d.get("kind") == "PrometheusRule"]
-    if not rule_objects:
+    check_runbooks(alerts)
+
+    # One source: the chart's PrometheusRule carries exactly the rule file's groups (with the case's
+    # runbookBaseUrl in front of the runbook paths).
+    cases = case_values()
+    compared = 0
+    for name, text in rendered.items():
+        for rule in (d for d in documents(text) if d.get("kind") == "PrometheusRule"):
+            base = ((cases.get(name, {}).get("metrics") or {}).get("prometheusRule") or {}).get("runbookBaseUrl")
+            want = yaml.safe_load(with_runbook_base(ALERTS.read_text(), base))
+            compared += 1
+            report(f"PrometheusRule = alerts.yaml ({name})", "differs" if rule["spec"] != want else None,
+                   f"runbook base {base}" if base else "")
+    if not compared:
         report("PrometheusRule = alerts.yaml", "no golden case enables metrics.prometheusRule")
-    else:
-        differ = [d["metadata"]["name"] for d in rule_objects if d["spec"] != rules]
-        report("PrometheusRule = alerts.yaml", f"differs in {differ}" if differ else None)
+
+
+def with_runbook_base(text: str, base: str | None) -> str:
+    """The rule file as the chart renders it with metrics.prometheusRule.runbookBaseUrl."""
+    if not base:
+        return text
+    return text.replace(f'runbook_url: "{RUNBOOK_PATH}#', f'runbook_url: "{base.rstrip("/")}/{RUNBOOK_PATH}#')
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def check_runbooks(alerts: list[dict]) -> None:
+    """Every alert's runbook_url is deploy/runbooks.md#<a heading of that file>, one per alert."""
+    anchors = {github_anchor(h) for h in re.findall(r"(?m)^#{2,3} (.+)$", RUNBOOKS.read_text())}
+    problems = []
+    for alert in alerts:
+        url = (alert.get("annotations") or {}).get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        if path != RUNBOOK_PATH or anchor not in anchors:
+            problems.append(f"{alert['alert']}: runbook_url {url!r}")
+        elif anchor != alert["alert"].lower():
+            problems.append(f"{alert['alert']}: runbook_url {url!r} is another alert's section")
+    report("every alert has a runbook section", "; ".join(problems) or None, f"{len(alerts)} alerts, {RUNBOOKS.relative_to(ROOT)}")
 
 
 def dashboard_queries(node: object) -> list[str]:
@@ -304,6 +531,20 @@ def check_dashboard(known: set[str]) -> None:
     if left:
         problem = f"variables without a substitute in check.py: {sorted(left)}" + (f"\n{problem}" if problem else "")
     report("dashboard queries parse", problem, f"{len(queries)} queries")
+    # The cluster variable: on every selector of every query (a Prometheus that holds several clusters
+    # adds a `cluster` label; without one, the variable's All (.*) matches series without it).
+    variables = {v["name"]: v for v in (dashboard.get("templating") or {}).get("list", [])}
+    unfiltered = [
+        q for q in queries
+        for selector in re.findall(r"\bpod_identity_\w+(\{[^}]*\})?", q)
+        if 'cluster=~"$cluster"' not in selector
+    ]
+    problems = []
+    if "cluster" not in variables or variables["cluster"].get("allValue") != ".*":
+        problems.append("no `cluster` variable with All = .*")
+    if unfiltered:
+        problems.append(f"queries without cluster=~\"$cluster\": {unfiltered}")
+    report("dashboard cluster variable", "; ".join(problems) or None, f"{len(queries)} queries")
     unknown = unknown_metrics(queries, known)
     report("dashboard metric names", f"not exported by the agent: {sorted(unknown)}" if unknown else None)
 
@@ -314,10 +555,17 @@ def main() -> int:
     if unknown_args:
         print(f"usage: {sys.argv[0]} [--bless] (unknown: {' '.join(unknown_args)})", file=sys.stderr)
         return 2
+    global APP_VERSION
+    APP_VERSION = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
     cases = case_values()
     check_versions()
     check_lint(cases)
     rendered = check_golden(cases, bless)
+    check_image(cases)
+    check_empty_values(cases)
+    check_metrics_port(cases)
+    check_flag_values(cases)
+    check_token_validation(cases)
     check_schemas(rendered)
     check_original_compat()
     known = known_metrics()

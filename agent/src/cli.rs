@@ -12,6 +12,7 @@ use crate::config::{
     RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
+use crate::validation::{self, ValidationConfig};
 
 /// The agent's address on IPv4, as in every pod's `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
 pub const AGENT_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
@@ -198,6 +199,26 @@ pub struct ServerArgs {
         action = ArgAction::Set
     )]
     pub pod_events: bool,
+    /// Check new tokens' signatures with the cluster's signing keys (the API server's
+    /// /openid/v1/jwks, Kubernetes 1.34+), so that a forged token is refused without a call to EKS
+    /// Auth: auto (whenever the keys are at hand; otherwise EKS Auth alone checks, as with off),
+    /// on (always; a token that cannot be checked is refused), off.
+    #[arg(long, value_enum, default_value_t = ValidationArg::Auto)]
+    pub token_validation: ValidationArg,
+    /// The audience a token must carry (another one only for a delegate behind --endpoint).
+    #[arg(long, default_value = crate::token::AUDIENCE)]
+    pub token_audience: String,
+    /// Where the agent keeps state across restarts (the cluster's signing keys).
+    #[arg(long, default_value = "/var/lib/eks-pod-identity-agent")]
+    pub state_dir: PathBuf,
+}
+
+/// `--token-validation` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ValidationArg {
+    Auto,
+    On,
+    Off,
 }
 
 /// `--token-binding` values.
@@ -274,6 +295,16 @@ impl ServerArgs {
                 call_timeout: Duration::from_secs(10),
                 retry_backoff: (Duration::from_secs(1), Duration::from_secs(30)),
                 event_queue: 1024,
+            },
+            validation: ValidationConfig {
+                mode: match self.token_validation {
+                    ValidationArg::Auto => validation::Mode::Auto,
+                    ValidationArg::On => validation::Mode::On,
+                    ValidationArg::Off => validation::Mode::Off,
+                },
+                audience: self.token_audience,
+                state_dir: self.state_dir,
+                refresh: validation::RefreshPolicy::default(),
             },
             drain_timeout: Duration::from_secs(10),
         }

@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub kubernetes: KubernetesConfig,
     /// Requests per second and burst for the whole node (the original's 1000/500), answered 429.
     pub global_rate: RateLimit,
+    /// Local validation of tokens with the cluster's signing keys.
+    pub validation: crate::validation::ValidationConfig,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Duration,
 }

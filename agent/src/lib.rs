@@ -9,6 +9,7 @@
 //! - [`attribution`]: who is calling, from the kernel: the eBPF record of the connection
 //!   ([`ebpf`]), the caller's cgroup and pod ([`cgroup`]), token binding and per-pod limits.
 //! - [`token`]: the projected service-account token's claims, read but not verified.
+//! - [`validation`]: new tokens' signatures checked with the cluster's keys, when at hand.
 //! - [`credentials`]: the retriever trait, the EKS Auth client, and the cache that wraps it.
 //! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus;
 //!   [`audit_who`] answers from the audit log which pod and process got an access key.
@@ -39,6 +40,7 @@ pub mod probes;
 pub mod server;
 pub mod shutdown;
 pub mod token;
+pub mod validation;
 
 /// The agent's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -93,6 +93,14 @@ pub struct Metrics {
     pub startup_taint_removed: IntGaugeVec,
     /// Events on pods by `outcome`: `created`, `updated`, `queue_full`, `unnamed`, `abandoned`.
     pub pod_events: IntCounterVec,
+    /// Local token validation by `result`: success, failure, skipped (upstream's name and labels).
+    pub local_validation: IntCounterVec,
+    /// Tokens refused by local checks, by `reason` ([`crate::validation::Reason`]).
+    pub local_validation_failures: IntCounterVec,
+    /// The cluster's signing keys in use for local validation.
+    pub signing_keys: IntGauge,
+    /// Fetches of the cluster's signing keys by `result`: ok, error.
+    pub signing_key_fetches: IntCounterVec,
 }
 
 /// Why the registry could not be built (a programming error: names and labels are constants).
@@ -257,6 +265,25 @@ impl Metrics {
                 "pod_identity_pod_events_total",
                 "Events on pods for refused or failed credential requests, by outcome: created, updated (the count of an Event raised), queue_full (dropped on the request path), unnamed (no verified name for the pod), abandoned (not sent after retries, or evicted).",
                 &["outcome"],
+            )?,
+            local_validation: counter_vec(
+                "pod_identity_local_validation",
+                "Outcome of local token validation: success, failure, or skipped (no key to check with, or validation off).",
+                &["result"],
+            )?,
+            local_validation_failures: counter_vec(
+                "pod_identity_local_validation_failures_total",
+                "Tokens refused by the agent's local checks, without a call to EKS Auth, by reason: header, no_kid, algorithm, signature, unknown_key, claims, audience, no_keys.",
+                &["reason"],
+            )?,
+            signing_keys: gauge(
+                "pod_identity_signing_keys",
+                "The cluster's signing keys the agent validates tokens with (0: none, tokens go to EKS Auth unchecked in auto mode).",
+            )?,
+            signing_key_fetches: counter_vec(
+                "pod_identity_signing_key_fetches_total",
+                "Fetches of the cluster's signing keys from the Kubernetes API, by result: ok, error.",
+                &["result"],
             )?,
             build_info,
             registry,

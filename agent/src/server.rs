@@ -35,6 +35,7 @@ use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
 use crate::probe_listener;
 use crate::probes::{Probes, Readiness};
 use crate::shutdown;
+use crate::validation::{StartError, Validator};
 
 /// How often the kernel's counters are read into the metrics, and idle pods' request allowances
 /// forgotten: in the background, so that a scrape only renders.
@@ -57,6 +58,8 @@ pub enum ServerError {
     Audit(#[from] AuditError),
     #[error("dropping the capabilities once set up")]
     Capabilities(#[source] CapabilityError),
+    #[error(transparent)]
+    Validation(#[from] StartError),
 }
 
 /// Why kernel attribution could not be set up.
@@ -148,6 +151,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Some((kubernetes, recorder)) => (Some((kubernetes, names_from_cache(&cache))), recorder),
         None => (None, None),
     };
+    let validator = Validator::start(&config.validation, &config.kubernetes, &metrics).await?;
     let endpoint = Arc::new(
         Endpoint::new(
             cache,
@@ -159,7 +163,8 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             namespaces.clone(),
             clock,
         )
-        .with_events(event_recorder),
+        .with_events(event_recorder)
+        .with_validator(validator),
     );
 
     let mut tasks = JoinSet::new();

@@ -28,8 +28,11 @@ pub enum TokenError {
     Expired,
     #[error("the token is not valid yet")]
     NotYetValid,
-    #[error("the token's audience is not {AUDIENCE}")]
+    #[error("the token's audience is not the agent's (--token-audience, by default {AUDIENCE})")]
     WrongAudience,
+    /// A claim kubelet always puts in a projected token, and EKS Auth needs, is missing.
+    #[error("the token has no {0} claim")]
+    MissingClaim(&'static str),
 }
 
 /// The claims of a projected service-account token that the agent uses, and only those: they are
@@ -76,7 +79,7 @@ pub struct KubernetesClaims {
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
-    pub serviceaccount: Option<Named>,
+    pub serviceaccount: Option<ServiceAccountClaim>,
     #[serde(default)]
     pub pod: Option<NamedObject>,
     #[serde(default)]
@@ -88,6 +91,26 @@ pub struct KubernetesClaims {
 pub struct Named {
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// The service account: its name, and whether the token carries its uid (which EKS Auth needs;
+/// the agent does not keep it).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct ServiceAccountClaim {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub uid: Option<Present>,
+}
+
+/// A claim whose value is not kept, only the fact that it is there (and not `null`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present;
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present)
+    }
 }
 
 /// A `{name, uid}` reference.
@@ -114,8 +137,13 @@ impl Claims {
         serde_json::from_slice(&json).map_err(|e| TokenError::BadClaims(e.to_string()))
     }
 
-    /// Checks the time claims at `now` (Unix seconds) and the audience.
+    /// Checks the time claims at `now` (Unix seconds) and the audience EKS Auth accepts.
     pub fn check(&self, now: i64) -> Result<(), TokenError> {
+        self.check_for(now, AUDIENCE)
+    }
+
+    /// Checks the time claims at `now` (Unix seconds) and that `audience` is among the token's.
+    pub fn check_for(&self, now: i64, audience: &str) -> Result<(), TokenError> {
         // The claims are the client's: `exp` and `nbf` may be anywhere in i64. Past its ends, the
         // bound with the leeway cannot be reached by `now`.
         if self
@@ -132,9 +160,42 @@ impl Claims {
         {
             return Err(TokenError::NotYetValid);
         }
-        if !self.aud.contains(AUDIENCE) {
+        if !self.aud.contains(audience) {
             return Err(TokenError::WrongAudience);
         }
+        Ok(())
+    }
+
+    /// Checks that the `kubernetes.io` claims kubelet always puts in a projected token, and that
+    /// EKS Auth needs, are there: namespace, service account name and uid, pod name and uid.
+    pub fn check_kubernetes_claims(&self) -> Result<(), TokenError> {
+        let k = self
+            .kubernetes
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io"))?;
+        k.namespace
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.namespace"))?;
+        let sa = k
+            .serviceaccount
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.serviceaccount"))?;
+        sa.name.as_ref().ok_or(TokenError::MissingClaim(
+            "kubernetes.io.serviceaccount.name",
+        ))?;
+        sa.uid
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.serviceaccount.uid"))?;
+        let pod = k
+            .pod
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.pod"))?;
+        pod.name
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.pod.name"))?;
+        pod.uid
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("kubernetes.io.pod.uid"))?;
         Ok(())
     }
 
@@ -259,5 +320,65 @@ mod tests {
         assert_eq!(c.check(0), Err(TokenError::WrongAudience));
         v["aud"] = json!(AUDIENCE);
         assert_eq!(Claims::parse(&unsigned_token(&v)).unwrap().check(0), Ok(()));
+    }
+
+    #[test]
+    fn another_audience_can_be_configured() {
+        let mut v = claims(0);
+        v["aud"] = json!(["sts.amazonaws.com", "delegate.example"]);
+        let c = Claims::parse(&unsigned_token(&v)).unwrap();
+        assert_eq!(c.check_for(0, "delegate.example"), Ok(()));
+        assert_eq!(c.check(0), Err(TokenError::WrongAudience));
+    }
+
+    #[test]
+    fn kubelet_claims_are_required() {
+        let c = Claims::parse(&unsigned_token(&claims(0))).unwrap();
+        assert_eq!(c.check_kubernetes_claims(), Ok(()));
+        for (path, missing) in [
+            (&["kubernetes.io"][..], "kubernetes.io"),
+            (&["kubernetes.io", "namespace"], "kubernetes.io.namespace"),
+            (
+                &["kubernetes.io", "serviceaccount"],
+                "kubernetes.io.serviceaccount",
+            ),
+            (
+                &["kubernetes.io", "serviceaccount", "name"],
+                "kubernetes.io.serviceaccount.name",
+            ),
+            (
+                &["kubernetes.io", "serviceaccount", "uid"],
+                "kubernetes.io.serviceaccount.uid",
+            ),
+            (&["kubernetes.io", "pod"], "kubernetes.io.pod"),
+            (&["kubernetes.io", "pod", "name"], "kubernetes.io.pod.name"),
+            (&["kubernetes.io", "pod", "uid"], "kubernetes.io.pod.uid"),
+        ] {
+            let mut v = claims(0);
+            let (last, parents) = path.split_last().unwrap();
+            let mut at = &mut v;
+            for p in parents {
+                at = &mut at[*p];
+            }
+            at.as_object_mut().unwrap().remove(*last);
+            let c = Claims::parse(&unsigned_token(&v)).unwrap();
+            assert_eq!(
+                c.check_kubernetes_claims(),
+                Err(TokenError::MissingClaim(missing))
+            );
+            // A null is as missing as an absent claim.
+            let mut v = claims(0);
+            let mut at = &mut v;
+            for p in parents {
+                at = &mut at[*p];
+            }
+            at[*last] = serde_json::Value::Null;
+            let c = Claims::parse(&unsigned_token(&v)).unwrap();
+            assert_eq!(
+                c.check_kubernetes_claims(),
+                Err(TokenError::MissingClaim(missing)),
+                "{path:?} null"
+            );
+        }
     }
 }

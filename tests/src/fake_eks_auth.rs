@@ -6,7 +6,9 @@
 //! checked). Success is a 200 with all five members, `credentials.expiration` in epoch seconds as a JSON
 //! number. Errors carry `X-Amzn-ErrorType` and `{"__type":…,"message":…}`.
 //!
-//! Tokens are projected-service-account-shaped JWTs (§3) signed HS256 with a secret of this instance, so
+//! Tokens are projected-service-account-shaped JWTs (§3) signed HS256 with a secret of this instance, or,
+//! once a test gives it the cluster's key ([`FakeEksAuth::use_cluster_key`], the key a Kubernetes API
+//! stand-in publishes), RS256/ES256 with that key, so
 //! the fake can tell its own tokens from forged ones, like the real service does with the cluster's key.
 //!
 //! Tests steer it at any time: associations, faults (errors, hangs, garbage), an artificial delay, the
@@ -31,6 +33,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::task::JoinSet;
+
+pub use crate::cluster_keys::ClusterKey;
 
 /// The AWS account of every role the fake hands out.
 pub const ACCOUNT_ID: &str = "111122223333";
@@ -367,6 +371,10 @@ struct State {
     requests: Vec<RecordedRequest>,
     issued: Vec<IssuedCredentials>,
     next_key: u64,
+    /// The cluster key new tokens are signed with (HS256 with `secret` when `None`).
+    signing: Option<Arc<ClusterKey>>,
+    /// Cluster keys whose tokens are accepted (every key ever used for signing).
+    trusted: Vec<Arc<ClusterKey>>,
 }
 
 #[derive(Debug)]
@@ -450,6 +458,8 @@ impl FakeEksAuth {
                 requests: Vec::new(),
                 issued: Vec::new(),
                 next_key: 0,
+                signing: None,
+                trusted: Vec::new(),
             }),
         });
         runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -478,8 +488,44 @@ impl FakeEksAuth {
         &self.shared.cluster
     }
 
+    /// Signs new tokens with `key` from now on, and accepts tokens signed with it (as well as
+    /// those signed with the keys before it): a key rotation of the cluster.
+    pub fn use_cluster_key(&self, key: Arc<ClusterKey>) {
+        let mut state = self.shared.state();
+        state.trusted.push(key.clone());
+        state.signing = Some(key);
+    }
+
     /// Mints a token signed with this fake's key.
     pub fn issue_token(&self, spec: &TokenSpec) -> Result<String> {
+        let signing = self.shared.state().signing.clone();
+        match signing {
+            Some(key) => self.issue_token_signed(spec, &key, &key.kid),
+            None => {
+                let mut header = Header::new(Algorithm::HS256);
+                header.kid = Some("e2e".to_owned());
+                jsonwebtoken::encode(
+                    &header,
+                    &self.claims(spec)?,
+                    &EncodingKey::from_secret(&self.shared.secret),
+                )
+                .context("signing a token")
+            }
+        }
+    }
+
+    /// Mints a token signed with `key` and naming key `kid`: with a key the fake does not trust,
+    /// or another key's id, a forgery.
+    pub fn issue_token_signed(
+        &self,
+        spec: &TokenSpec,
+        key: &ClusterKey,
+        kid: &str,
+    ) -> Result<String> {
+        key.sign(kid, &self.claims(spec)?)
+    }
+
+    fn claims(&self, spec: &TokenSpec) -> Result<Claims> {
         let now = epoch_now();
         let lifetime = i64::try_from(spec.lifetime.as_secs()).context("token lifetime")?;
         let iat = match spec.validity {
@@ -517,14 +563,7 @@ impl FakeEksAuth {
                 }),
             },
         };
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some("e2e".to_owned());
-        jsonwebtoken::encode(
-            &header,
-            &claims,
-            &EncodingKey::from_secret(&self.shared.secret),
-        )
-        .context("signing a token")
+        Ok(claims)
     }
 
     /// Associates `namespace`/`service_account` with role `arn:aws:iam::111122223333:role/<role_name>`.
@@ -775,15 +814,27 @@ fn answer(shared: &Shared, req: &RecordedRequest) -> HttpResponse {
         );
     };
 
-    let mut validation = Validation::new(Algorithm::HS256);
+    // The cluster key the token names, if the fake trusts one by that id; else its own secret.
+    let cluster_key = jsonwebtoken::decode_header(token).ok().and_then(|h| {
+        let kid = h.kid?;
+        shared
+            .state()
+            .trusted
+            .iter()
+            .find(|k| k.kid == kid)
+            .cloned()
+    });
+    let (mut validation, key) = match &cluster_key {
+        Some(k) => (Validation::new(k.algorithm), k.decoding.clone()),
+        None => (
+            Validation::new(Algorithm::HS256),
+            DecodingKey::from_secret(&shared.secret),
+        ),
+    };
     validation.set_audience(&[AUDIENCE]);
     validation.validate_nbf = true;
     validation.leeway = 0;
-    let claims = match jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(&shared.secret),
-        &validation,
-    ) {
+    let claims = match jsonwebtoken::decode::<Claims>(token, &key, &validation) {
         Ok(data) => data.claims,
         Err(e) => {
             return match e.kind() {

@@ -3,6 +3,9 @@
 //! - `GET /api/v1/nodes/{name}`: a `Node` (metadata with `uid`, `resourceVersion`,
 //!   `creationTimestamp` and labels; `spec.taints`; `status` with conditions, addresses and
 //!   `nodeInfo`).
+//! - `GET /version` (`major`/`minor` the test sets, 1.34 by default), and, once a test gives the
+//!   fake a key set, `GET /openid/v1/jwks` and `GET /.well-known/openid-configuration` (404
+//!   before), as the API server serves its service-account issuer's keys.
 //! - `PATCH /api/v1/nodes/{name}`: `application/merge-patch+json` (RFC 7386) or
 //!   `application/strategic-merge-patch+json` (applied the same way: for the fields the agent
 //!   patches, taints and an Event's scalars, a strategic merge replaces as a merge patch does). A
@@ -41,6 +44,9 @@ pub enum Op {
     PatchNode,
     CreateEvent,
     PatchEvent,
+    Version,
+    Jwks,
+    OpenIdConfiguration,
     /// Anything else (404).
     Other,
 }
@@ -97,6 +103,10 @@ struct State {
     concurrent_writes: u32,
     requests: Vec<KubeRequest>,
     hook: Option<Hook>,
+    /// `/version`'s major and minor; 1.34 when unset.
+    version: Option<(String, String)>,
+    /// The service-account issuer's key set; `None`: 404.
+    jwks: Option<Value>,
 }
 
 impl State {
@@ -298,6 +308,27 @@ impl FakeKubeApi {
         self.shared.state().requests.clone()
     }
 
+    /// Serves `keys` (JWKs) at `/openid/v1/jwks`; `None`: 404 there.
+    pub fn set_jwks(&self, keys: Option<Vec<Value>>) {
+        self.shared.state().jwks = keys.map(|keys| json!({ "keys": keys }));
+    }
+
+    /// What `/version` says (EKS writes minors like `"34+"`).
+    pub fn set_version(&self, major: &str, minor: &str) {
+        self.shared.state().version = Some((major.to_owned(), minor.to_owned()));
+    }
+
+    /// The requests of `op` so far.
+    #[must_use]
+    pub fn count(&self, op: Op) -> usize {
+        self.shared
+            .state()
+            .requests
+            .iter()
+            .filter(|r| r.op == op)
+            .count()
+    }
+
     /// The Events stored now.
     #[must_use]
     pub fn events(&self) -> Vec<Value> {
@@ -337,6 +368,9 @@ fn classify(method: &str, path: &str) -> (Op, Vec<String>) {
         ("PATCH", ["api", "v1", "nodes", _]) => Op::PatchNode,
         ("POST", ["api", "v1", "namespaces", _, "events"]) => Op::CreateEvent,
         ("PATCH", ["api", "v1", "namespaces", _, "events", _]) => Op::PatchEvent,
+        ("GET", ["version"]) => Op::Version,
+        ("GET", ["openid", "v1", "jwks"]) => Op::Jwks,
+        ("GET", [".well-known", "openid-configuration"]) => Op::OpenIdConfiguration,
         _ => Op::Other,
     };
     (op, parts)
@@ -431,6 +465,46 @@ fn answer(shared: &Shared, req: &KubeRequest, path: &[String]) -> HttpResponse {
         Op::PatchNode => patch_node(shared, req, &path[3]),
         Op::CreateEvent => create_event(shared, req, &path[3]),
         Op::PatchEvent => patch_event(shared, req, &path[3], &path[5]),
+        Op::Version => {
+            let state = shared.state();
+            let (major, minor) = state
+                .version
+                .clone()
+                .unwrap_or_else(|| ("1".to_owned(), "34".to_owned()));
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "major": major, "minor": minor,
+                    "gitVersion": format!("v{major}.{}.0", minor.trim_end_matches('+')),
+                    "platform": "linux/amd64",
+                }),
+            )
+        }
+        Op::Jwks => match &shared.state().jwks {
+            Some(jwks) => json_response(StatusCode::OK, jwks),
+            None => status(
+                404,
+                "the server could not find the requested resource",
+                None,
+            ),
+        },
+        Op::OpenIdConfiguration => match &shared.state().jwks {
+            Some(_) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "issuer": "https://kubernetes.default.svc",
+                    "jwks_uri": "https://kubernetes.default.svc/openid/v1/jwks",
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                }),
+            ),
+            None => status(
+                404,
+                "the server could not find the requested resource",
+                None,
+            ),
+        },
         Op::Other => status(
             404,
             "the server could not find the requested resource",
@@ -689,6 +763,9 @@ pub fn agent_args(node: &crate::node::SimNode, api: &FakeKubeApi) -> crate::agen
             ("KUBECONFIG".into(), kubeconfig.display().to_string()),
             ("NODE_NAME".into(), node.name().to_owned()),
         ],
+        // These tests count the agent's API calls: token validation's own (tests/validation.rs)
+        // stay out of them.
+        extra: vec!["--token-validation".into(), "off".into()],
         ..crate::agent::AgentArgs::default()
     }
 }

@@ -18,6 +18,7 @@ pub mod agent;
 pub mod burst;
 pub mod cgroup;
 pub mod clients;
+pub mod cluster_keys;
 pub mod fake_eks_auth;
 pub mod fake_kube_api;
 pub mod netns;

@@ -1,6 +1,7 @@
-//! `cargo xtask deploy-check [--bless]`: the Helm chart, the alert rules and the Grafana dashboard,
-//! checked offline by `deploy/check.py` (Helm's engine from helm-python-sdk, kubernetes-validate,
-//! promtool; `cargo xtask setup` installs them). No root, no cluster, no network.
+//! `cargo xtask deploy-check [--bless]`: the Helm chart (golden renders, schemas, the original's
+//! values file, no phantom image, empty values, flag values), the alert rules and their runbooks, and
+//! the Grafana dashboard, checked offline by `deploy/check.py` (Helm's engine from helm-python-sdk,
+//! kubernetes-validate, promtool; `cargo xtask setup` installs them). No root, no cluster, no network.
 
 use anyhow::Result;
 use std::process::Command;

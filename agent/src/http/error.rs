@@ -10,6 +10,7 @@ use http_body_util::Full;
 use crate::credentials::UpstreamError;
 use crate::credentials::cache::FetchError;
 use crate::token::TokenError;
+use crate::validation::ValidationError;
 
 /// Why a credential request was not answered with credentials.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum RequestError {
     PodThrottled { retry_after: Duration },
     #[error("{0}")]
     Token(#[from] TokenError),
+    /// Refused by local validation (the cluster's signing keys), before any upstream call.
+    #[error("{0}")]
+    Validation(#[from] ValidationError),
     #[error("token binding: {0}")]
     Binding(String),
     #[error("{0}")]
@@ -80,6 +84,9 @@ impl RequestError {
             | RequestError::PodThrottled { .. }
             | RequestError::Queued { .. } => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Token(_) => StatusCode::BAD_REQUEST,
+            // Validation that is on but has no key: the agent's fault, not the token's.
+            RequestError::Validation(ValidationError::NoKeys) => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::Validation(_) => StatusCode::BAD_REQUEST,
             // EKS Auth's status when it is an error's. Anything else (a redirect or a 1xx from a
             // proxy at a custom endpoint) would not read as a failure: 502.
             RequestError::Upstream(e) => StatusCode::from_u16(e.status)
@@ -106,6 +113,7 @@ impl RequestError {
             RequestError::Throttled => RefusalKind::Throttled,
             RequestError::PodThrottled { .. } => RefusalKind::PodThrottled,
             RequestError::Token(_) => RefusalKind::Token,
+            RequestError::Validation(_) => RefusalKind::Validation,
             RequestError::Binding(_) => RefusalKind::Binding,
             RequestError::Upstream(_) => RefusalKind::Upstream,
             RequestError::Queued { .. } => RefusalKind::Queued,
@@ -148,6 +156,7 @@ pub enum RefusalKind {
     Throttled,
     PodThrottled,
     Token,
+    Validation,
     Binding,
     Upstream,
     Queued,

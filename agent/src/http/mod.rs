@@ -25,6 +25,7 @@ use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::{self, EventRecorder};
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::token::{Claims, TokenError};
+use crate::validation::Validator;
 use error::RefusalLog;
 pub use error::RequestError;
 
@@ -56,6 +57,8 @@ pub struct Endpoint<R> {
     refusals: RefusalLog,
     /// Events on the pods whose requests are refused or fail (`--pod-events`).
     events: Option<EventRecorder>,
+    /// Local validation of new tokens (the audience, and signatures with the cluster's keys).
+    validator: Arc<Validator>,
 }
 
 impl<R: Retriever> Endpoint<R> {
@@ -86,7 +89,15 @@ impl<R: Retriever> Endpoint<R> {
             clock,
             refusals: RefusalLog::new(REFUSAL_LOG_PERIOD),
             events: None,
+            validator: Validator::off(),
         }
+    }
+
+    /// Validates new tokens with `validator` (by default only their audience is checked).
+    #[must_use]
+    pub fn with_validator(mut self, validator: Arc<Validator>) -> Self {
+        self.validator = validator;
+        self
     }
 
     /// Reports refused and failed requests to `events` (queued, never waited for).
@@ -190,7 +201,18 @@ impl<R: Retriever> Endpoint<R> {
             None => Arc::new(Claims::parse(token)?),
         };
         ex.claims = Some(claims.clone());
-        claims.check(self.clock.unix_now())?;
+        claims
+            .check_for(self.clock.unix_now(), self.validator.audience())
+            .inspect_err(|e| {
+                if *e == TokenError::WrongAudience {
+                    self.validator.count_audience_refusal();
+                }
+            })?;
+        // A new token's signature, before its claims decide anything (binding, the queue). A
+        // cached token was verified when it was first seen, by this or by EKS Auth.
+        if cached.is_none() {
+            self.validator.verify(token, &claims).await?;
+        }
 
         let binding = self.attribution.bind(&claims, caller);
         let refusal = self.attribution.refusal(&binding);

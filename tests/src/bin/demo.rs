@@ -1,8 +1,9 @@
 //! A guided tour: a simulated node with three pods, a fake EKS Auth and the real agent; every pod fetches
 //! credentials with a real SDK and the audit log names each caller's pod, container, pid and comm; then,
 //! with the agent restarted under `--token-binding enforce` and a per-pod connect limit, a token replayed
-//! from another pod is refused, and a pod flooding the agent with connections is refused in the kernel
-//! while its neighbour is served. Finally the whole audit log and the metrics are shown.
+//! from another pod is refused, a forged token is refused at the door (the cluster's signing key, from a
+//! Kubernetes API stand-in) without a call to EKS Auth, and a pod flooding the agent with connections is
+//! refused in the kernel while its neighbour is served. Finally the whole audit log and the metrics are shown.
 //!
 //! Run as root after building the agent: `cargo build -p eks-pod-identity-agent && cargo run -p e2e --bin demo`.
 //! Exits non-zero if any scenario fails. To add a scenario, write a `fn(&mut Demo) -> Result<()>` and list
@@ -16,7 +17,9 @@ use anyhow::{Context, Result, bail};
 use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in, wait_audit_records};
 use e2e::cgroup::CgroupDriver;
 use e2e::clients::{Family, FetchOutcome, FloodReport};
+use e2e::cluster_keys::ClusterKey;
 use e2e::fake_eks_auth::FakeEksAuth;
+use e2e::fake_kube_api::{self, FakeKubeApi};
 use e2e::node::{CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, PodSpec, SimNode};
 
 const CLUSTER: &str = "demo-cluster";
@@ -38,6 +41,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "a token replayed from another pod is refused",
         replayed_token_refused,
+    ),
+    (
+        "a forged token is refused at the door, without asking EKS Auth",
+        forged_token_refused,
     ),
     (
         "a pod flooding the agent is refused in the kernel while its neighbour is served",
@@ -92,8 +99,29 @@ struct Demo {
     agent: Option<AgentProcess>,
     pods: Vec<DemoPod>,
     fake: FakeEksAuth,
+    api: FakeKubeApi,
     node: SimNode,
     audit_log: PathBuf,
+}
+
+impl Demo {
+    /// The agent's arguments: the audit log, and the Kubernetes API stand-in (for the cluster's
+    /// signing keys) with a state directory in the node.
+    fn agent_args(&self) -> Result<AgentArgs> {
+        agent_args(&self.node, &self.api, &self.audit_log)
+    }
+}
+
+fn agent_args(node: &SimNode, api: &FakeKubeApi, audit_log: &std::path::Path) -> Result<AgentArgs> {
+    let kubeconfig = node.dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let mut args = AgentArgs::default().audit_log(audit_log).args([
+        "--state-dir".to_owned(),
+        node.dir().join("state").display().to_string(),
+    ]);
+    args.env
+        .push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    Ok(args)
 }
 
 fn main() -> ExitCode {
@@ -133,6 +161,11 @@ fn setup() -> Result<Demo> {
     println!("== setting up a simulated node");
     let node = SimNode::new()?;
     let fake = start_fake_eks_auth_in(node.netns(), CLUSTER)?;
+    // The cluster signs tokens with its key; the API server publishes it.
+    let key = ClusterKey::fixture("rsa-1")?;
+    fake.use_cluster_key(key.clone());
+    let api = fake_kube_api::start_in(node.netns())?;
+    api.set_jwks(Some(vec![key.jwk.clone()]));
     println!(
         "   node {} (netns {}), cgroup root {}",
         node.name(),
@@ -142,6 +175,11 @@ fn setup() -> Result<Demo> {
     println!(
         "   fake EKS Auth for cluster {CLUSTER} at {} inside the node",
         fake.addr()
+    );
+    println!(
+        "   Kubernetes API stand-in at {} publishing the cluster's signing key {}",
+        api.addr(),
+        key.kid
     );
 
     let specs = [
@@ -175,12 +213,13 @@ fn setup() -> Result<Demo> {
     }
 
     let audit_log = node.dir().join("audit.log");
-    let agent = AgentProcess::start(&node, &fake, AgentArgs::default().audit_log(&audit_log))?;
+    let agent = AgentProcess::start(&node, &fake, agent_args(&node, &api, &audit_log)?)?;
     println!("   agent ready (pid {})", agent.pid().unwrap_or_default());
     Ok(Demo {
         agent: Some(agent),
         pods,
         fake,
+        api,
         node,
         audit_log,
     })
@@ -262,19 +301,50 @@ fn restart_enforcing(demo: &mut Demo) -> Result<()> {
     if let Some(agent) = demo.agent.take() {
         agent.stop().context("stopping the agent")?;
     }
-    let agent = AgentProcess::start(
-        &demo.node,
-        &demo.fake,
-        AgentArgs::default()
-            .audit_log(&demo.audit_log)
-            .args(ENFORCING),
-    )?;
+    let agent = AgentProcess::start(&demo.node, &demo.fake, demo.agent_args()?.args(ENFORCING))?;
     println!(
         "   agent ready again (pid {}) with {}",
         agent.pid().unwrap_or_default(),
         ENFORCING.join(" ")
     );
     demo.agent = Some(agent);
+    Ok(())
+}
+
+fn forged_token_refused(demo: &mut Demo) -> Result<()> {
+    let pod = &demo.pods[0].pod;
+    let key = ClusterKey::fixture("rsa-1")?;
+    let stranger = ClusterKey::fixture("rsa-2")?;
+    let forged = demo
+        .fake
+        .issue_token_signed(&pod.token_spec(), &stranger, &key.kid)?;
+    let forged_path = pod.dir().join("forged-token");
+    std::fs::write(&forged_path, forged.as_bytes())?;
+    let calls_before = demo.fake.calls();
+    println!(
+        "   pod {} presents a token with its own claims, naming the cluster's key {} but signed with another",
+        pod.name, key.kid
+    );
+    let r = pod.python_requests(Family::V4, &forged_path, 1, false)?;
+    let ex = &r.exchanges[0];
+    println!(
+        "   -> {} {}",
+        ex.status
+            .map_or_else(|| "no response".to_owned(), |s| s.to_string()),
+        ex.body.trim()
+    );
+    let calls = demo.fake.calls() - calls_before;
+    println!("   EKS Auth calls for the forgery: {calls}");
+    let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
+    if let Some(rec) = records.iter().find(|rec| rec["caller"]["pid"] == r.pid) {
+        println!("   audit: {}", summarize_audit_line(&rec.to_string()));
+    }
+    if ex.status != Some(400) || !ex.body.contains("signature") {
+        bail!("the forgery was answered {:?}: {}", ex.status, ex.body);
+    }
+    if calls != 0 {
+        bail!("EKS Auth was called for a forged token");
+    }
     Ok(())
 }
 

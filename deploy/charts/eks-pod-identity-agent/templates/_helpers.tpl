@@ -58,17 +58,91 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/part-of: {{ include "eks-pod-identity-agent.fullname" (dict "Values" .Values "Release" .Release "Chart" .Chart) }}
 {{- end -}}
 
-{{/* image.override, else <containerRegistry>/<repository>:<tag or appVersion>. */}}
+{{/*
+The image: image.override, else [<containerRegistry>/]<repository>:<tag or appVersion>. No default: this
+agent's image is in no public registry. An original values file names AWS's Go agent with
+containerRegistry and tag alone (its chart renders <containerRegistry>/eks/eks-pod-identity-agent:<tag>);
+rendering that here would give a reference that exists nowhere, and every node would sit in
+ImagePullBackOff without saying why. So without override or repository, rendering fails and says what to
+set.
+*/}}
 {{- define "eks-pod-identity-agent.image" -}}
-{{- if .Values.image.override -}}
-{{- .Values.image.override -}}
+{{- $image := .Values.image -}}
+{{- if $image.override -}}
+{{- $image.override -}}
+{{- else if $image.repository -}}
+{{- $repository := $image.repository -}}
+{{- if $image.containerRegistry -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $image.containerRegistry) $repository -}}
+{{- end -}}
+{{- printf "%s:%s" $repository ($image.tag | default .Chart.AppVersion | toString) -}}
 {{- else -}}
-{{- $repository := .Values.image.repository -}}
-{{- if .Values.image.containerRegistry -}}
-{{- $repository = printf "%s/%s" .Values.image.containerRegistry $repository -}}
+{{- $theirs := "" -}}
+{{- if $image.containerRegistry -}}
+{{- $theirs = printf " image.containerRegistry %q and image.tag %q name AWS's Go agent in the original chart (%s/eks/eks-pod-identity-agent:%s), not this image." $image.containerRegistry ($image.tag | toString) $image.containerRegistry ($image.tag | toString) -}}
 {{- end -}}
-{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- fail (printf "set image.override to this agent's image in your registry (e.g. --set image.override=111122223333.dkr.ecr.us-west-2.amazonaws.com/eks-pod-identity-agent:%s; deploy/README.md, \"Push the image to your registry\"), or image.repository (and image.tag): no image of this agent is named.%s" .Chart.AppVersion $theirs) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Defaults of values whose key is unset (null) in values.yaml: kept here, not there, because Helm merges a
+user's map into the chart's map, so that a user's `{}` could never clear a default given in values.yaml.
+Absent from the values (or null): the default. `{}`: nothing. A map: merged into the default, the user's
+keys winning, as Helm would have merged it into values.yaml's.
+Context: dict "values" (a map), "key", "default" (the default, as a YAML string).
+*/}}
+{{- define "eks-pod-identity-agent.valueOrDefault" -}}
+{{- $default := .default | fromYaml -}}
+{{- if not (hasKey .values .key) -}}
+{{- toYaml $default -}}
+{{- else -}}
+{{- with index .values .key -}}
+{{- $merged := mergeOverwrite $default (deepCopy .) -}}
+{{- /* A key set to null drops the default's (e.g. resources.limits: null), as in Helm's values. */ -}}
+{{- range $name, $value := $merged }}{{ if kindIs "invalid" $value }}{{ $_ := unset $merged $name }}{{ end }}{{ end -}}
+{{- toYaml $merged -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Every Linux node (amd64, arm64) but Fargate, hybrid and EKS Auto Mode nodes (Auto Mode runs its own agent). */}}
+{{- define "eks-pod-identity-agent.defaultAffinity" -}}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      - matchExpressions:
+          - key: "kubernetes.io/os"
+            operator: In
+            values:
+              - linux
+          - key: "kubernetes.io/arch"
+            operator: In
+            values:
+              - amd64
+              - arm64
+          - key: "eks.amazonaws.com/compute-type"
+            operator: NotIn
+            values:
+              - fargate
+              - hybrid
+              - auto
+{{- end -}}
+
+{{/* The server container's: the credential cache (--max-cache-size 2000), the audit queue and the eBPF
+maps (charged to the pod's memory cgroup on 5.11+ kernels) fit in 128Mi. */}}
+{{- define "eks-pod-identity-agent.defaultResources" -}}
+requests:
+  cpu: 25m
+  memory: 32Mi
+limits:
+  memory: 128Mi
+{{- end -}}
+
+{{/* As in the original chart, for a Prometheus that discovers pods by annotation. */}}
+{{- define "eks-pod-identity-agent.defaultPodAnnotations" -}}
+prometheus.io/port: {{ .Values.metrics.port | toString | quote }}
+prometheus.io/scrape: "true"
 {{- end -}}
 
 {{/*

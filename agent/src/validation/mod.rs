@@ -1,0 +1,472 @@
+//! Local validation of projected service-account tokens with the cluster's own signing keys, so
+//! that a forged token is refused at the door: no call to EKS Auth, no place in its queue.
+//!
+//! - [`keys`]: a JSON Web Key Set parsed into verification keys by `kid` (RS256, ES256), and the
+//!   signature check of one token.
+//! - [`source`]: where key sets come from, the Kubernetes API server (the seam tests fake).
+//! - [`store`]: the last key set on disk, for a restart while the API server is away.
+//!
+//! This module owns the policy: when keys are fetched (at start, and again when a token names a
+//! key the agent does not know, at most once per [`RefreshPolicy::min_interval`], every waiting
+//! request sharing one fetch and waiting for it at most [`RefreshPolicy::wait`]), and what a
+//! missing key means in each [`Mode`]. `auto` never makes the agent less available than without
+//! validation: with no keys, or keys it cannot refresh while the API server is away, a token it
+//! cannot check goes to EKS Auth as before.
+
+pub mod keys;
+pub mod source;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use prometheus::{IntCounter, IntGauge};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::token::{Claims, TokenError};
+pub use keys::{KeySet, SignatureError, TokenHeader};
+pub use source::{ApiServer, KeySource, SourceError};
+pub use store::KeyStore;
+
+/// `--token-validation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Never check signatures: EKS Auth does (the agent before local validation).
+    Off,
+    /// Check signatures whenever the cluster's keys are at hand; otherwise as `off`.
+    Auto,
+    /// Always check: a token that cannot be checked is refused.
+    On,
+}
+
+/// How local validation is set up (plain data, from the command line).
+#[derive(Debug, Clone)]
+pub struct ValidationConfig {
+    pub mode: Mode,
+    /// The audience a token must carry (`--token-audience`).
+    pub audience: String,
+    /// Where the last key set is kept across restarts (`--state-dir`).
+    pub state_dir: PathBuf,
+    pub refresh: RefreshPolicy,
+}
+
+/// When keys are fetched again.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshPolicy {
+    /// At most one fetch this often, however many unknown keys are presented.
+    pub min_interval: Duration,
+    /// The longest a request waits for a fetch (it goes on after that, for later requests).
+    pub wait: Duration,
+    /// The longest one fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        RefreshPolicy {
+            min_interval: Duration::from_secs(10),
+            wait: Duration::from_secs(1),
+            fetch_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a token's signature was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// It verifies with one of the cluster's keys.
+    Signature,
+    /// Not checked (validation off, or no key to check it with): EKS Auth will.
+    Unchecked,
+}
+
+/// Why a token was refused by local validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("{0}")]
+    Signature(#[from] SignatureError),
+    #[error("the token's key (`kid`) is not one of the cluster's signing keys")]
+    UnknownKey,
+    #[error("{0}")]
+    Claims(TokenError),
+    #[error("token validation is on, but the cluster's signing keys are not available")]
+    NoKeys,
+}
+
+/// The reasons a token fails local checks, as `pod_identity_local_validation_failures_total`
+/// labels them (the audience and claims checks included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Header,
+    NoKeyId,
+    Algorithm,
+    Signature,
+    UnknownKey,
+    Claims,
+    Audience,
+    NoKeys,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::Header,
+        Reason::NoKeyId,
+        Reason::Algorithm,
+        Reason::Signature,
+        Reason::UnknownKey,
+        Reason::Claims,
+        Reason::Audience,
+        Reason::NoKeys,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Header => "header",
+            Reason::NoKeyId => "no_kid",
+            Reason::Algorithm => "algorithm",
+            Reason::Signature => "signature",
+            Reason::UnknownKey => "unknown_key",
+            Reason::Claims => "claims",
+            Reason::Audience => "audience",
+            Reason::NoKeys => "no_keys",
+        }
+    }
+}
+
+impl ValidationError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            ValidationError::Signature(SignatureError::Header) => Reason::Header,
+            ValidationError::Signature(SignatureError::NoKeyId) => Reason::NoKeyId,
+            ValidationError::Signature(SignatureError::Algorithm) => Reason::Algorithm,
+            ValidationError::Signature(SignatureError::Signature) => Reason::Signature,
+            ValidationError::UnknownKey => Reason::UnknownKey,
+            ValidationError::Claims(_) => Reason::Claims,
+            ValidationError::NoKeys => Reason::NoKeys,
+        }
+    }
+}
+
+/// Why validation could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--token-validation on needs the Kubernetes API (in-cluster or KUBECONFIG)")]
+    NoKubernetes(#[source] crate::kubernetes::ClientError),
+}
+
+/// The counters, resolved once.
+struct Counters {
+    success: IntCounter,
+    failure: IntCounter,
+    skipped: IntCounter,
+    reasons: [IntCounter; Reason::ALL.len()],
+    keys: IntGauge,
+    fetched: IntCounter,
+    fetch_failed: IntCounter,
+}
+
+impl Counters {
+    fn new(metrics: &Metrics) -> Self {
+        let result = |r: &str| metrics.local_validation.with_label_values(&[r]);
+        let fetch = |r: &str| metrics.signing_key_fetches.with_label_values(&[r]);
+        Counters {
+            success: result("success"),
+            failure: result("failure"),
+            skipped: result("skipped"),
+            reasons: Reason::ALL.map(|r| {
+                metrics
+                    .local_validation_failures
+                    .with_label_values(&[r.as_str()])
+            }),
+            keys: metrics.signing_keys.clone(),
+            fetched: fetch("ok"),
+            fetch_failed: fetch("error"),
+        }
+    }
+}
+
+/// A fetch of the key set, shared by every request that waits for it.
+type Fetch = Shared<BoxFuture<'static, ()>>;
+
+#[derive(Default)]
+struct RefreshState {
+    last_attempt: Option<Instant>,
+    /// Whether the last fetch brought the key set now in use from the API server.
+    fresh: bool,
+    /// The fetch under way, and its task (done when the task is, even if nobody polled the
+    /// shared future).
+    in_flight: Option<(Fetch, tokio::task::AbortHandle)>,
+}
+
+/// Checks tokens against the cluster's keys. Cheap to share (`Arc`).
+pub struct Validator {
+    mode: Mode,
+    audience: String,
+    keys: ArcSwapOption<KeySet>,
+    source: Option<Box<dyn KeySource>>,
+    store: Option<KeyStore>,
+    policy: RefreshPolicy,
+    refresh: Mutex<RefreshState>,
+    counters: Option<Counters>,
+}
+
+impl Validator {
+    /// A validator that checks nothing but the default audience (tests, and the agent before
+    /// local validation).
+    pub fn off() -> Arc<Self> {
+        Arc::new(Validator {
+            mode: Mode::Off,
+            audience: crate::token::AUDIENCE.to_owned(),
+            keys: ArcSwapOption::empty(),
+            source: None,
+            store: None,
+            policy: RefreshPolicy::default(),
+            refresh: Mutex::new(RefreshState::default()),
+            counters: None,
+        })
+    }
+
+    /// A validator with keys from `source` (none: `auto` checks nothing), kept in `store`.
+    pub fn new(
+        config: &ValidationConfig,
+        source: Option<Box<dyn KeySource>>,
+        store: Option<KeyStore>,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        Arc::new(Validator {
+            mode: config.mode,
+            audience: config.audience.clone(),
+            keys: ArcSwapOption::empty(),
+            source,
+            store,
+            policy: config.refresh,
+            refresh: Mutex::new(RefreshState::default()),
+            counters: Some(Counters::new(metrics)),
+        })
+    }
+
+    /// Sets up validation as configured: the Kubernetes client, the keys stored by an earlier
+    /// run (so that a restart while the API server is away still validates), and a first fetch
+    /// in the background. With `auto` and no Kubernetes configuration, checks nothing.
+    pub async fn start(
+        config: &ValidationConfig,
+        kubernetes: &crate::config::KubernetesConfig,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, StartError> {
+        if config.mode == Mode::Off {
+            return Ok(Validator::new(config, None, None, metrics));
+        }
+        let client = match crate::kubernetes::client(kubernetes).await {
+            Ok(client) => client,
+            Err(e) if config.mode == Mode::Auto => {
+                tracing::info!(
+                    reason = %crate::error_chain(&e),
+                    "token validation: no Kubernetes API; tokens are checked by EKS Auth alone"
+                );
+                return Ok(Validator::new(config, None, None, metrics));
+            }
+            Err(e) => return Err(StartError::NoKubernetes(e)),
+        };
+        let store = KeyStore::new(&config.state_dir);
+        let validator = Validator::new(
+            config,
+            Some(Box::new(ApiServer::new(client.api))),
+            Some(store.clone()),
+            metrics,
+        );
+        match tokio::task::spawn_blocking(move || store.load()).await {
+            Ok(Ok(Some(json))) => match KeySet::parse(&json) {
+                Ok(set) => {
+                    tracing::info!(
+                        keys = set.len(),
+                        "token validation: keys of an earlier run loaded"
+                    );
+                    validator.install(set);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "token validation: the stored key set is not readable")
+                }
+            },
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error_chain(&e), "token validation: reading the stored key set")
+            }
+            Err(e) => tracing::warn!(error = %e, "token validation: reading the stored key set"),
+        }
+        // The first fetch runs on its own: the start-up never waits for the API.
+        drop(validator.start_fetch());
+        Ok(validator)
+    }
+
+    /// The audience tokens must carry.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// Checks `token` (whose `claims` are already read and checked for time and audience).
+    pub async fn verify(
+        self: &Arc<Self>,
+        token: &str,
+        claims: &Claims,
+    ) -> Result<Verification, ValidationError> {
+        let result = self.check(token, claims).await;
+        if let Some(c) = &self.counters {
+            match &result {
+                Ok(Verification::Signature) => c.success.inc(),
+                Ok(Verification::Unchecked) => c.skipped.inc(),
+                Err(e) => {
+                    c.failure.inc();
+                    c.reasons[e.reason() as usize].inc();
+                }
+            }
+        }
+        result
+    }
+
+    /// Counts a token refused for its audience: a local check too.
+    pub fn count_audience_refusal(&self) {
+        if let Some(c) = &self.counters {
+            c.failure.inc();
+            c.reasons[Reason::Audience as usize].inc();
+        }
+    }
+
+    async fn check(
+        self: &Arc<Self>,
+        token: &str,
+        claims: &Claims,
+    ) -> Result<Verification, ValidationError> {
+        if self.mode == Mode::Off {
+            return Ok(Verification::Unchecked);
+        }
+        if self.keys.load().is_none() {
+            self.refresh().await;
+        }
+        let Some(keys) = self.keys.load_full() else {
+            return match self.mode {
+                Mode::On => Err(ValidationError::NoKeys),
+                _ => Ok(Verification::Unchecked),
+            };
+        };
+        claims
+            .check_kubernetes_claims()
+            .map_err(ValidationError::Claims)?;
+        let header = TokenHeader::parse(token)?;
+        if let Some(verdict) = keys.verify(token, &header) {
+            return verdict
+                .map(|()| Verification::Signature)
+                .map_err(Into::into);
+        }
+        // A key the agent does not know: the API server may have rotated its keys.
+        let fresh = self.refresh().await;
+        let keys = self.keys.load_full();
+        match keys.as_deref().and_then(|k| k.verify(token, &header)) {
+            Some(verdict) => verdict
+                .map(|()| Verification::Signature)
+                .map_err(Into::into),
+            // The API server's own set does not have it: a forgery.
+            None if fresh || self.mode == Mode::On => Err(ValidationError::UnknownKey),
+            // The API server is away: EKS Auth decides, as without validation.
+            None => Ok(Verification::Unchecked),
+        }
+    }
+
+    /// Waits (at most [`RefreshPolicy::wait`]) for a fetch of the keys, starting one unless one
+    /// ran within [`RefreshPolicy::min_interval`]. Whether the keys in use are the API server's
+    /// latest.
+    async fn refresh(self: &Arc<Self>) -> bool {
+        if let Some(fetch) = self.start_fetch() {
+            let _ = tokio::time::timeout(self.policy.wait, fetch).await;
+        }
+        self.state().fresh
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RefreshState> {
+        self.refresh.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The fetch under way, or a new one; `None` when there is no source or one ran too recently.
+    fn start_fetch(self: &Arc<Self>) -> Option<Fetch> {
+        self.source.as_ref()?;
+        let mut state = self.state();
+        if let Some((fetch, task)) = &state.in_flight
+            && !task.is_finished()
+        {
+            return Some(fetch.clone());
+        }
+        if state
+            .last_attempt
+            .is_some_and(|at| at.elapsed() < self.policy.min_interval)
+        {
+            return None;
+        }
+        state.last_attempt = Some(Instant::now());
+        let task = tokio::spawn(self.clone().fetch());
+        let abort = task.abort_handle();
+        let fetch = async move {
+            let _ = task.await;
+        }
+        .boxed()
+        .shared();
+        state.in_flight = Some((fetch.clone(), abort));
+        Some(fetch)
+    }
+
+    /// Fetches the key set, installs it and stores it on disk.
+    async fn fetch(self: Arc<Self>) {
+        let Some(source) = &self.source else { return };
+        let fetched = match tokio::time::timeout(self.policy.fetch_timeout, source.fetch()).await {
+            Ok(Ok(json)) => KeySet::parse(&json)
+                .map(|set| (json, set))
+                .map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(crate::error_chain(&e)),
+            Err(_) => Err(SourceError::Timeout.to_string()),
+        };
+        let (json, set) = match fetched {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                // At most once per `min_interval`: fetches are that rare.
+                tracing::warn!(%error, "token validation: fetching the cluster's signing keys failed");
+                if let Some(c) = &self.counters {
+                    c.fetch_failed.inc();
+                }
+                self.state().fresh = false;
+                return;
+            }
+        };
+        tracing::info!(
+            keys = set.len(),
+            skipped = set.skipped,
+            "token validation: the cluster's signing keys fetched"
+        );
+        if let Some(c) = &self.counters {
+            c.fetched.inc();
+        }
+        self.install(set);
+        self.state().fresh = true;
+        if let Some(store) = self.store.clone() {
+            match tokio::task::spawn_blocking(move || store.save(&json)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "token validation: storing the key set")
+                }
+                Err(e) => tracing::warn!(error = %e, "token validation: storing the key set"),
+            }
+        }
+    }
+
+    fn install(&self, set: KeySet) {
+        if let Some(c) = &self.counters {
+            c.keys.set(i64::try_from(set.len()).unwrap_or(i64::MAX));
+        }
+        self.keys.store(Some(Arc::new(set)));
+    }
+}
+
+#[cfg(test)]
+mod tests;
