@@ -114,6 +114,16 @@ pub struct ServerArgs {
     /// EKS Auth endpoint URL instead of eks-auth.<region>.api.aws.
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// Connect timeout of one attempt to EKS Auth (the original's 500 ms).
+    #[arg(long, default_value = "500ms", value_parser = parse_timeout)]
+    pub eks_auth_connect_timeout: Duration,
+    /// Timeout of one attempt to EKS Auth, connect included (the original's 1 s).
+    #[arg(long, default_value = "1s", value_parser = parse_timeout)]
+    pub eks_auth_attempt_timeout: Duration,
+    /// Deadline of one call to EKS Auth, its (up to 3) attempts included. A pod's request waits
+    /// 1.5 s at most; the call runs on and its answer is cached for the SDK's retry.
+    #[arg(long, default_value = "3500ms", value_parser = parse_timeout)]
+    pub eks_auth_call_timeout: Duration,
 
     /// cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 mount root]; pods
     /// are recognised only in kubelet's hierarchy directly below it.
@@ -243,6 +253,9 @@ impl ServerArgs {
             upstream: UpstreamConfig {
                 endpoint: self.endpoint,
                 rotate_credentials: self.rotate_credentials,
+                connect_timeout: self.eks_auth_connect_timeout,
+                attempt_timeout: self.eks_auth_attempt_timeout,
+                call_timeout: self.eks_auth_call_timeout,
                 ..UpstreamConfig::default()
             },
             attribution: AttributionConfig {
@@ -352,6 +365,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3h or 90m: {e}"))
+}
+
+/// A timeout: a duration as [`parse_duration`] reads it (`500ms`, `1s`, `3s500ms`), never zero.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: a timeout must be longer than 0")),
+        d => Ok(d),
+    }
 }
 
 /// A size in bytes, bare or with a unit: `K`/`M`/`G` (powers of 1000, also `KB`, `MB`, `GB`)
@@ -495,6 +516,47 @@ mod tests {
                 burst: 500
             }
         );
+    }
+
+    #[test]
+    fn eks_auth_timeouts_default_to_the_originals_and_can_be_changed() {
+        let c = server(&["-c", "prod"]).unwrap();
+        let d = UpstreamConfig::default();
+        assert_eq!(
+            (
+                c.upstream.connect_timeout,
+                c.upstream.attempt_timeout,
+                c.upstream.call_timeout
+            ),
+            (
+                Duration::from_millis(500),
+                Duration::from_secs(1),
+                Duration::from_millis(3500)
+            )
+        );
+        assert_eq!(
+            (d.connect_timeout, d.attempt_timeout, d.call_timeout),
+            (
+                c.upstream.connect_timeout,
+                c.upstream.attempt_timeout,
+                c.upstream.call_timeout
+            )
+        );
+        let c = server(&[
+            "-c",
+            "prod",
+            "--eks-auth-connect-timeout",
+            "2s",
+            "--eks-auth-attempt-timeout",
+            "4s",
+            "--eks-auth-call-timeout",
+            "10s",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream.attempt_timeout, Duration::from_secs(4));
+        assert_eq!(c.upstream.call_timeout, Duration::from_secs(10));
+        assert!(server(&["-c", "prod", "--eks-auth-call-timeout", "0"]).is_err());
     }
 
     #[test]

@@ -163,26 +163,31 @@ pub struct UpstreamConfig {
     pub endpoint: Option<String>,
     /// Re-read the agent's own shared credentials file, so rotated keys are used without restart.
     pub rotate_credentials: bool,
-    /// Connect timeout for one attempt.
+    /// Connect timeout for one attempt (`--eks-auth-connect-timeout`).
     pub connect_timeout: Duration,
-    /// Timeout of one attempt.
+    /// Timeout of one attempt (`--eks-auth-attempt-timeout`).
     pub attempt_timeout: Duration,
-    /// Deadline of a whole call, retries included: shorter than the SDKs' 1–2 s client timeouts.
+    /// Deadline of a whole call, retries included (`--eks-auth-call-timeout`). A pod's request
+    /// does not wait for all of it: it waits `AdmissionConfig::wait_deadline` at most, and the
+    /// call runs on, so that the SDK's retry finds the credentials cached.
     pub call_timeout: Duration,
     /// Attempts per call (first try included) for transient errors.
     pub max_attempts: u32,
 }
 
-/// The agent's defaults: EKS Auth's regional endpoint, the credentials read once, and timeouts
-/// short enough for a pod's SDK to get an answer before it gives up.
+/// The original agent's budgets (`internal/cloud/eksauth/service.go`: a 500 ms dial timeout, a
+/// 1 s `http.Client` timeout per attempt, the Go SDK's 3 attempts), so that a region where EKS
+/// Auth answers in 600–900 ms is served as the original serves it; the whole call is bounded
+/// by 3.5 s (three attempts and the short backoffs between them), where the original's is
+/// bounded only by its retryer's backoff.
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             endpoint: None,
             rotate_credentials: false,
-            connect_timeout: Duration::from_millis(300),
-            attempt_timeout: Duration::from_millis(400),
-            call_timeout: Duration::from_millis(900),
+            connect_timeout: Duration::from_millis(500),
+            attempt_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_millis(3500),
             max_attempts: 3,
         }
     }

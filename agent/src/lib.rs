@@ -14,13 +14,15 @@
 //! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus;
 //!   [`audit_who`] answers from the audit log which pod and process got an access key.
 //!
-//! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness),
+//! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness, and
+//! the metrics port), [`capabilities`] (given up once the server is set up),
 //! [`kubernetes`] (the startup taint and Events on pods, only when switched on),
 //! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
 pub mod audit;
 pub mod audit_who;
+pub mod capabilities;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
@@ -33,6 +35,7 @@ pub mod kubernetes;
 pub mod listener;
 pub mod metrics;
 pub mod netlink;
+pub mod probe_listener;
 pub mod probes;
 pub mod server;
 pub mod shutdown;

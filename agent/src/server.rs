@@ -5,7 +5,9 @@
 //! are up; then the programs; then EKS Auth, the cache and the endpoint; then the credential
 //! sockets listen — so no connection is accepted, nor even queued, before attribution is in place
 //! (under `enforce`, a restart refuses connections for a moment, never requests with 403); and
-//! last the probe and metrics ports, whose `/readyz` reports the credential listeners.
+//! last the probe and metrics ports, whose `/readyz` reports the credential listeners. With
+//! every socket bound and the programs attached, the server gives up all its capabilities
+//! ([`capabilities`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attribution::{Attribution, Policy};
 use crate::audit::{AuditCounters, AuditError, AuditLog};
+use crate::capabilities::{self, CapabilityError};
 use crate::cgroup::{self, CgroupResolver, KubeletLayout};
 use crate::clock::Clock;
 use crate::config::{RateLimit, ServerConfig, TokenBinding};
@@ -29,6 +32,7 @@ use crate::kubernetes::Kubernetes;
 use crate::kubernetes::events::names_from_cache;
 use crate::listener::{self, Accepting, BindError};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
+use crate::probe_listener;
 use crate::probes::{Probes, Readiness};
 use crate::shutdown;
 use crate::validation::{StartError, Validator};
@@ -52,6 +56,8 @@ pub enum ServerError {
     EksAuth(#[from] EksAuthSetupError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("dropping the capabilities once set up")]
+    Capabilities(#[source] CapabilityError),
     #[error(transparent)]
     Validation(#[from] StartError),
 }
@@ -61,6 +67,11 @@ pub enum ServerError {
 pub enum AttachError {
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
+    #[error(
+        "no cgroup v2 hierarchy on this node (cgroup v1 only, as on Amazon Linux 2): kernel \
+         attribution needs cgroup v2"
+    )]
+    CgroupV1,
     #[error("--cgroup-root {}: not a directory below the cgroup2 mount {}", cgroup_root.display(), mount_root.display())]
     OutsideMount {
         cgroup_root: PathBuf,
@@ -219,6 +230,12 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         &shutdown,
     )?;
     tracing::info!(%probe_addr, %metrics_addr, "serving probes and metrics");
+    // Everything is attached and bound: nothing from here on needs a capability.
+    match tokio::task::spawn_blocking(capabilities::drop_all).await {
+        Ok(Ok(())) => tracing::info!("dropped every capability"),
+        Ok(Err(e)) => return Err(ServerError::Capabilities(e)),
+        Err(e) => tracing::error!(error = %e, "the capability drop did not finish"),
+    }
 
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
@@ -240,17 +257,12 @@ fn spawn_probes(
     probes: Probes,
     shutdown: &CancellationToken,
 ) -> Result<(), BindError> {
-    let l = listener::bind_and_listen(addr)?;
-    tasks.spawn(listener::serve(
+    let l = probe_listener::bind(addr)?;
+    tasks.spawn(probe_listener::serve(
         l,
-        |_, _| std::future::ready(Some(())),
-        move |req, _| {
-            let response = probes.handle(&req);
-            async move { response }
-        },
-        Accepting::default(),
+        probes,
+        probe_listener::LIMITS,
         shutdown.clone(),
-        Duration::from_secs(1),
     ));
     Ok(())
 }
@@ -327,7 +339,10 @@ fn attach_programs(
     targets: Vec<SocketAddr>,
 ) -> Result<(Programs, Arc<CgroupResolver>), AttachError> {
     let a = &config.attribution;
-    let mount_root = ebpf::cgroup2_mount_root()?;
+    let mount_root = ebpf::cgroup2_mount_root().map_err(|e| match e {
+        EbpfError::NoCgroup2Mount => AttachError::CgroupV1,
+        e => AttachError::Ebpf(e),
+    })?;
     let cgroup_root = a.cgroup_root.clone().unwrap_or_else(|| mount_root.clone());
     // Cgroup paths are relative to the mount; pods are recognised only at the attach point.
     let scope = cgroup::path_under_mount(&mount_root, &cgroup_root).ok_or_else(|| {

@@ -186,9 +186,9 @@ enum Weather {
     /// 200 with a body that is not JSON, 200 with truncated JSON, a proxy's 502 HTML page, and a
     /// 500 whose error type is garbled (a new one every time).
     Garbage,
-    /// Credentials after 350 ms (within the 400 ms attempt timeout).
+    /// Credentials after 7/8 of the default attempt timeout (within it).
     Slow,
-    /// Credentials after 700 ms: past the attempt timeout, so never received.
+    /// Credentials after 7/4 of the default attempt timeout: past it, so never received.
     Slower,
     /// The connection is reset.
     Reset,
@@ -264,8 +264,13 @@ impl Sky {
                 Ok(reply(200, None, self.credentials(&claims, n)))
             }
             Weather::Slow | Weather::Slower => {
-                let ms = if weather == Weather::Slow { 350 } else { 700 };
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let attempt = UpstreamConfig::default().attempt_timeout;
+                let delay = if weather == Weather::Slow {
+                    attempt * 7 / 8
+                } else {
+                    attempt * 7 / 4
+                };
+                tokio::time::sleep(delay).await;
                 Ok(reply(200, None, self.credentials(&claims, n)))
             }
             Weather::ServerErrors => {

@@ -747,3 +747,25 @@ pub fn start_in(netns: &crate::netns::NetNs) -> Result<FakeKubeApi> {
         .context("binding the fake API inside the node")?;
     FakeKubeApi::start(listener, &format!("e2e-{}", uuid::Uuid::new_v4().simple()))
 }
+
+/// The agent's arguments to reach `api` from `node`: a kubeconfig in the node's directory
+/// (`KUBECONFIG`) and the node's name (`NODE_NAME`), as the DaemonSet gives them.
+///
+/// # Panics
+/// The kubeconfig cannot be written.
+#[must_use]
+pub fn agent_args(node: &crate::node::SimNode, api: &FakeKubeApi) -> crate::agent::AgentArgs {
+    let kubeconfig = node.dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)
+        .unwrap_or_else(|e| panic!("writing {}: {e:#}", kubeconfig.display()));
+    crate::agent::AgentArgs {
+        env: vec![
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+            ("NODE_NAME".into(), node.name().to_owned()),
+        ],
+        // These tests count the agent's API calls: token validation's own (tests/validation.rs)
+        // stay out of them.
+        extra: vec!["--token-validation".into(), "off".into()],
+        ..crate::agent::AgentArgs::default()
+    }
+}

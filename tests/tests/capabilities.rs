@@ -170,3 +170,136 @@ fn initialize_needs_only_the_init_containers_capabilities() {
         "without NET_ADMIN: {status}"
     );
 }
+
+/// The capability sets of every thread of `pid`: (thread, `CapInh`, `CapPrm`, `CapEff`, `CapBnd`,
+/// `CapAmb`, `NoNewPrivs`), as `/proc` shows them.
+fn thread_sets(pid: u32) -> Vec<(String, [String; 6])> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap();
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{name} in {}", task.path().display()))
+                .trim()
+                .to_owned()
+        };
+        out.push((
+            task.file_name().to_string_lossy().into_owned(),
+            [
+                field("CapInh:"),
+                field("CapPrm:"),
+                field("CapEff:"),
+                field("CapBnd:"),
+                field("CapAmb:"),
+                field("NoNewPrivs:"),
+            ],
+        ));
+    }
+    out
+}
+
+#[test]
+fn the_server_gives_up_every_capability_once_set_up_and_still_attributes_and_enforces() {
+    if !e2e::privileged(
+        "the_server_gives_up_every_capability_once_set_up_and_still_attributes_and_enforces",
+    ) {
+        return;
+    }
+    let (node, fake, [a, b]) = node_with_web_pods("e2e-caps-drop", ["web-a", "web-b"]).unwrap();
+    a.refresh_token(&fake).unwrap();
+    b.refresh_token(&fake).unwrap();
+    let audit = node.dir().join("audit.log");
+    // Root with every capability, as a privileged container or a host process would be.
+    let args = AgentArgs::default().audit_log(&audit).args([
+        "--token-binding",
+        "enforce",
+        "--pod-connect-rate",
+        "1",
+        "--pod-connect-burst",
+        "5",
+    ]);
+    let agent = AgentProcess::start(&node, &fake, args).unwrap();
+    let pid = agent.pid().unwrap();
+    assert!(
+        e2e::wait_for(Duration::from_secs(5), || agent
+            .logs()
+            .unwrap()
+            .contains("dropped every capability")),
+        "{}",
+        agent.logs().unwrap()
+    );
+    let none = "0000000000000000".to_owned();
+    let expected = [
+        none.clone(),
+        none.clone(),
+        none.clone(),
+        none.clone(),
+        none,
+        "1".to_owned(),
+    ];
+    let threads = thread_sets(pid);
+    assert!(threads.len() > 1, "the runtime's threads: {threads:?}");
+    for (tid, sets) in &threads {
+        assert_eq!(
+            sets, &expected,
+            "thread {tid}: CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs"
+        );
+    }
+    assert_eq!(agent.metric("pod_identity_ebpf_attached").unwrap(), 1.0);
+
+    // Attribution and enforce, without a capability.
+    let creds = a
+        .fetch_with_botocore(CREDENTIALS_URI_V4)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("botocore: {e}\n{}", agent.logs().unwrap()));
+    assert!(creds.access_key_id.starts_with("ASIA"));
+    let replay = b
+        .python_requests(Family::V4, &a.token_path(), 1, false)
+        .unwrap();
+    assert_eq!(replay.exchanges[0].status, Some(403), "{replay:?}");
+    let records = wait_audit_records(&audit, 2, Duration::from_secs(10)).unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["binding"] == "mismatch" && r["caller"]["pod_uid"] == b.uid.as_str()),
+        "the replay is attributed to the pod that sent it: {records:?}"
+    );
+
+    // The kernel's maps, read through the descriptors opened before the drop: B's connects past
+    // its bucket are refused in the kernel and counted into the metrics by the background task.
+    let report = b
+        .connect_flood(
+            &[Family::V4],
+            40,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        )
+        .unwrap();
+    assert!(
+        report.failed_with(libc::EPERM) > 0,
+        "the kernel refused none of B's connects: {report:?}"
+    );
+    assert!(
+        e2e::wait_for(Duration::from_secs(12), || agent
+            .metrics()
+            .unwrap()
+            .lines()
+            .any(
+                |l| l.starts_with("pod_identity_connections_denied_total") && !l.ends_with(" 0")
+            )),
+        "the refusals were never read from the kernel's maps:\n{}",
+        agent.metrics().unwrap()
+    );
+    let logs = agent.logs().unwrap();
+    assert!(
+        !logs.contains("Operation not permitted") && !logs.contains("Permission denied"),
+        "{logs}"
+    );
+    // Detaching on exit needs nothing either.
+    assert!(agent.stop().unwrap().success());
+}

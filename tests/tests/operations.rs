@@ -41,7 +41,7 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_0() {
     }
     let (_node, fake, [pod]) = node_with_web_pods("e2e-sigterm", ["web-0"]).unwrap();
     let agent = AgentProcess::start(&_node, &fake, AgentArgs::default()).unwrap();
-    // Slow, but inside the agent's own per-attempt timeout (400 ms), so the call itself succeeds.
+    // Slow, but inside the agent's own per-attempt timeout (1 s), so the call itself succeeds.
     fake.set_delay(Duration::from_millis(250));
     let token = pod.refresh_token(&fake).unwrap();
     std::thread::scope(|scope| {

@@ -16,18 +16,7 @@ use k8s_openapi::api::core::v1::Event;
 use serde_json::Value;
 
 fn kube_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
-    let kubeconfig = node.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    AgentArgs {
-        env: vec![
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            ("NODE_NAME".into(), node.name().to_owned()),
-        ],
-        // These tests count the agent's API calls: token validation's own (tests/validation.rs)
-        // stay out of them.
-        extra: vec!["--token-validation".into(), "off".into()],
-        ..AgentArgs::default()
-    }
+    fake_kube_api::agent_args(node, api)
 }
 
 /// The stored Events about the pod with this UID.

@@ -24,18 +24,9 @@ const PROBE_PORT: u16 = 2703;
 
 /// The agent's arguments with a kubeconfig for `api` and this node's name in its environment.
 fn kube_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
-    let kubeconfig = node.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
     AgentArgs {
         probe_port: PROBE_PORT,
-        env: vec![
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            ("NODE_NAME".into(), node.name().to_owned()),
-        ],
-        // These tests count the agent's API calls: token validation's own (tests/validation.rs)
-        // stay out of them.
-        extra: vec!["--token-validation".into(), "off".into()],
-        ..AgentArgs::default()
+        ..fake_kube_api::agent_args(node, api)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The EKS Auth client: `AssumeRoleForPodIdentity` through `aws-sdk-eksauth`.
 //!
 //! The agent's own AWS credentials and region come from `aws-config`'s default chain. Timeouts
-//! and retries are short, so that a pod's SDK (1–2 s client timeouts) gets an answer, even an
-//! error, before it gives up. Throttled calls are not retried here: the admission path
+//! are the original agent's by default (see [`UpstreamConfig`]); a pod's request never waits for
+//! all of them (the cache answers it within its wait deadline, and the call runs on, so that the
+//! SDK's retry is a hit). Throttled calls are not retried here: the admission path
 //! ([`super::admission`]) paces and retries them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -39,13 +39,79 @@ pub enum ClientError {
     Client(#[source] kube::Error),
 }
 
-/// The client, configured as kube-rs infers it, with the agent's deadlines.
-pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, ClientError> {
+/// The client, configured as kube-rs infers it, with the agent's deadlines and without kube-rs's
+/// own retry of 429, 503 and 504 (on by default: up to 15 tries backing off to 1000 s, so one
+/// call could outlive its deadline by minutes, uncounted). The callers retry, with their backoff.
+pub async fn client(config: &KubernetesConfig) -> Result<Deadlined<kube::Client>, ClientError> {
     let mut kube_config = kube::Config::infer().await.map_err(ClientError::Config)?;
+    Ok(Deadlined {
+        api: client_from(&mut kube_config, config)?,
+        deadline: config.call_timeout,
+    })
+}
+
+/// `kube_config` with the agent's timeouts and no built-in retry, made a client.
+pub fn client_from(
+    kube_config: &mut kube::Config,
+    config: &KubernetesConfig,
+) -> Result<kube::Client, ClientError> {
+    kube_config.default_retry = false;
     kube_config.connect_timeout = Some(config.call_timeout);
     kube_config.read_timeout = Some(config.call_timeout);
     kube_config.write_timeout = Some(config.call_timeout);
-    kube::Client::try_from(kube_config).map_err(ClientError::Client)
+    kube::Client::try_from(kube_config.clone()).map_err(ClientError::Client)
+}
+
+/// The API calls of `api`, each ended at `deadline` whatever the server does (the per-read
+/// timeouts alone let an answer dripping in slowly run on).
+#[derive(Clone)]
+pub struct Deadlined<A> {
+    pub api: A,
+    pub deadline: std::time::Duration,
+}
+
+/// A call that did not end by its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the Kubernetes API call did not end within {0:?}")]
+pub struct DeadlineExceeded(pub std::time::Duration);
+
+impl<A: KubeApi> Deadlined<A> {
+    async fn within<T>(
+        &self,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, kube::Error> {
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(Box::new(DeadlineExceeded(
+                    self.deadline,
+                ))))
+            })
+    }
+}
+
+impl<A: KubeApi> KubeApi for Deadlined<A> {
+    async fn get_node(&self, name: &str) -> Result<Node, kube::Error> {
+        self.within(self.api.get_node(name)).await
+    }
+
+    async fn patch_node(&self, name: &str, patch: &serde_json::Value) -> Result<Node, kube::Error> {
+        self.within(self.api.patch_node(name, patch)).await
+    }
+
+    async fn create_event(&self, namespace: &str, event: &Event) -> Result<Event, kube::Error> {
+        self.within(self.api.create_event(namespace, event)).await
+    }
+
+    async fn patch_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<Event, kube::Error> {
+        self.within(self.api.patch_event(namespace, name, patch))
+            .await
+    }
 }
 
 /// The API calls the agent makes: the seam unit tests fake.
@@ -283,6 +349,48 @@ mod tests {
         kube::Client::try_from(config).unwrap();
         let native = kube::Config::new("https://10.100.0.1:443".parse().unwrap());
         kube::Client::try_from(native).unwrap();
+    }
+
+    /// A hung call ends at its deadline, as an error the callers count.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_call_ends_at_its_deadline() {
+        use super::{DeadlineExceeded, Deadlined, KubeApi};
+        let api = super::fake::FakeApi::with_node("n", vec![]);
+        api.state().hang = true;
+        let deadline = std::time::Duration::from_secs(10);
+        let deadlined = Deadlined {
+            api: api.clone(),
+            deadline,
+        };
+        let started = tokio::time::Instant::now();
+        let e = deadlined.get_node("n").await.unwrap_err();
+        assert_eq!(started.elapsed(), deadline);
+        assert!(
+            matches!(&e, kube::Error::Service(inner) if inner.is::<DeadlineExceeded>()),
+            "{e:?}"
+        );
+        api.state().hang = false;
+        assert!(deadlined.get_node("n").await.is_ok());
+    }
+
+    /// kube-rs's own retry of 429, 503 and 504 is off in the agent's client.
+    #[tokio::test]
+    async fn the_client_has_no_built_in_retry() {
+        let mut kube_config = kube::Config::new("https://10.100.0.1:443".parse().unwrap());
+        assert!(kube_config.default_retry, "kube-rs's default");
+        let config = crate::config::KubernetesConfig {
+            startup_taint: None,
+            pod_events: true,
+            call_timeout: std::time::Duration::from_secs(10),
+            retry_backoff: (
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(30),
+            ),
+            event_queue: 8,
+        };
+        super::client_from(&mut kube_config, &config).unwrap();
+        assert!(!kube_config.default_retry);
+        assert_eq!(kube_config.read_timeout, Some(config.call_timeout));
     }
 
     /// A self-signed CA certificate (DER), only parsed.

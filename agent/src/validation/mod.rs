@@ -171,7 +171,7 @@ impl Validator {
         let store = KeyStore::new(&config.state_dir);
         let validator = Validator::new(
             config,
-            Some(Box::new(ApiServer::new(client))),
+            Some(Box::new(ApiServer::new(client.api))),
             Some(store.clone()),
             metrics,
         );
