@@ -38,10 +38,15 @@ fn main() -> anyhow::Result<()> {
 fn pinned_channel(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
     let file = ebpf_dir.join("rust-toolchain.toml");
     println!("cargo:rerun-if-changed={}", file.display());
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     text.lines()
         .find_map(|line| {
-            let value = line.trim().strip_prefix("channel")?.trim_start().strip_prefix('=')?;
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
             Some(value.trim().trim_matches('"').to_owned())
         })
         .ok_or_else(|| anyhow!("no `channel = \"…\"` in {}", file.display()))

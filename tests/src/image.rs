@@ -187,7 +187,8 @@ pub fn buildah(args: &[&str]) -> Result<String> {
 #[must_use]
 pub fn sbom_path(arch: &str) -> PathBuf {
     // As cargo (and xtask) read it: relative to the workspace root.
-    let target = crate::workspace_root().join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()));
+    let target = crate::workspace_root()
+        .join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()));
     target
         .join("image")
         .join(format!("eks-pod-identity-agent-{VERSION}-{arch}.cdx.json"))

@@ -35,13 +35,21 @@ impl TestCa {
             "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
         )?;
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         openssl(
-            &[&["req", "-x509"], &ec[..], &["-days", "1", "-subj", "/CN=e2e test CA"]].concat(),
             &[
-                ("-keyout", &p("ca.key")),
-                ("-out", &p("ca.pem")),
-            ],
+                &["req", "-x509"],
+                &ec[..],
+                &["-days", "1", "-subj", "/CN=e2e test CA"],
+            ]
+            .concat(),
+            &[("-keyout", &p("ca.key")), ("-out", &p("ca.pem"))],
             &[
                 "-addext",
                 "basicConstraints=critical,CA:TRUE",

@@ -72,7 +72,9 @@ fn run_in(root: &Path, argv: &[&str]) -> String {
 
 #[test]
 fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only() {
-    if !e2e::privileged("the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only") {
+    if !e2e::privileged(
+        "the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only",
+    ) {
         return;
     }
     let rootfs = ImageRootfs::open().unwrap();
@@ -87,10 +89,17 @@ fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only
             .map(|(p, _)| p.display().to_string())
             .collect()
     };
-    let names = |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| (*s).to_owned()).collect() };
+    let names =
+        |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| (*s).to_owned()).collect() };
     assert_eq!(
         of_kind(std::fs::Metadata::is_file),
-        names(&["eks-pod-identity-agent", "go-runner", CA_BUNDLE, "etc/passwd", "etc/group"]),
+        names(&[
+            "eks-pod-identity-agent",
+            "go-runner",
+            CA_BUNDLE,
+            "etc/passwd",
+            "etc/group"
+        ]),
         "the image's files"
     );
     assert_eq!(
@@ -100,7 +109,15 @@ fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only
     );
     assert_eq!(
         of_kind(std::fs::Metadata::is_dir),
-        names(&["etc", "etc/pki", "etc/pki/tls", "etc/pki/tls/certs", "etc/ssl", "etc/ssl/certs", "root"]),
+        names(&[
+            "etc",
+            "etc/pki",
+            "etc/pki/tls",
+            "etc/pki/tls/certs",
+            "etc/ssl",
+            "etc/ssl/certs",
+            "root"
+        ]),
         "the image's directories"
     );
 
@@ -123,11 +140,26 @@ fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only
         std::fs::read_link(root.join(LEGACY_CA_BUNDLE)).unwrap(),
         Path::new("../../pki/tls/certs/ca-bundle.crt")
     );
-    assert_eq!(std::fs::read_to_string(root.join(LEGACY_CA_BUNDLE)).unwrap(), bundle);
+    assert_eq!(
+        std::fs::read_to_string(root.join(LEGACY_CA_BUNDLE)).unwrap(),
+        bundle
+    );
     // root's home is /root, as in the Go image's /etc/passwd, and it exists.
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
-    assert!(passwd.lines().any(|l| l.starts_with("root:x:0:0:") && l.split(':').nth(5) == Some("/root")), "{passwd}");
-    assert_eq!(std::fs::metadata(root.join("root")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("root:x:0:0:") && l.split(':').nth(5) == Some("/root")),
+        "{passwd}"
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("root"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     let size: u64 = agent.len() + bundle.len() as u64;
     assert!(size < 40_000_000, "the image's content is {size} bytes");
 
@@ -164,7 +196,10 @@ fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only
     );
     assert!(!revision.is_empty() && revision != "unknown", "{config}");
     let env = rootfs.env().unwrap();
-    for (var, value) in [("HOME", "/root".to_owned()), ("SSL_CERT_FILE", format!("/{CA_BUNDLE}"))] {
+    for (var, value) in [
+        ("HOME", "/root".to_owned()),
+        ("SSL_CERT_FILE", format!("/{CA_BUNDLE}")),
+    ] {
         assert!(env.contains(&(var.into(), value)), "{var}: {config}");
     }
 }
@@ -300,7 +335,12 @@ fn start_from_image(
     }
     let args = AgentArgs {
         wrapper: container_wrapper(rootfs, node, &audit_dir, &launch.binds),
-        verbatim: Some(chart_argv(node, fake.cluster(), &launch.endpoint, launch.extra)),
+        verbatim: Some(chart_argv(
+            node,
+            fake.cluster(),
+            &launch.endpoint,
+            launch.extra,
+        )),
         env: launch.env,
         env_remove,
         ..AgentArgs::default()
@@ -397,7 +437,6 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
     assert!(status.success(), "the agent exits 0 on SIGTERM: {status}");
 }
 
-
 /// Asks the agent for credentials once with a fresh token, raw (no SDK retries): the status, and
 /// how many EKS Auth calls that token made.
 fn one_request(pod: &Pod, fake: &FakeEksAuth) -> (u16, u64) {
@@ -460,11 +499,19 @@ fn eks_auth_behind_the_nodes_ca_is_trusted_through_the_bundle_mounted_over_the_i
         assert!(agent.stop().unwrap().success(), "{case}");
     }
     let handshakes = tls.handshakes();
-    assert!(handshakes >= 2, "EKS Auth was reached over TLS: {handshakes} handshakes");
+    assert!(
+        handshakes >= 2,
+        "EKS Auth was reached over TLS: {handshakes} handshakes"
+    );
 
     // The control: the image's own bundle, no mount.
-    let (agent, _) =
-        start_from_image(&rootfs, &node, &fake, Launch::new(tls.endpoint(), image_env)).unwrap();
+    let (agent, _) = start_from_image(
+        &rootfs,
+        &node,
+        &fake,
+        Launch::new(tls.endpoint(), image_env),
+    )
+    .unwrap();
     let (status, calls) = one_request(&pod, &fake);
     let logs = agent.logs().unwrap();
     assert!(status >= 500, "an unknown CA is refused: {status}\n{logs}");
@@ -479,8 +526,9 @@ fn eks_auth_behind_the_nodes_ca_is_trusted_through_the_bundle_mounted_over_the_i
 /// SDK looks for `/.aws/credentials` and the pod is not served.
 #[test]
 fn on_a_hybrid_node_the_agent_from_the_image_signs_with_roots_aws_credentials() {
-    if !e2e::privileged("on_a_hybrid_node_the_agent_from_the_image_signs_with_roots_aws_credentials")
-    {
+    if !e2e::privileged(
+        "on_a_hybrid_node_the_agent_from_the_image_signs_with_roots_aws_credentials",
+    ) {
         return;
     }
     const NODE_KEY: &str = "AKIAE2EHYBRIDIMAGE01";

@@ -39,8 +39,9 @@ const EM_BPF: u16 = 247;
 
 #[test]
 fn the_image_is_one_manifest_list_of_amd64_and_arm64_images_of_the_same_build() {
-    if !e2e::privileged("the_image_is_one_manifest_list_of_amd64_and_arm64_images_of_the_same_build")
-    {
+    if !e2e::privileged(
+        "the_image_is_one_manifest_list_of_amd64_and_arm64_images_of_the_same_build",
+    ) {
         return;
     }
     let platforms = manifest_platforms().unwrap();
@@ -52,7 +53,11 @@ fn the_image_is_one_manifest_list_of_amd64_and_arm64_images_of_the_same_build() 
     let amd64 = ImageRootfs::open_platform("amd64").unwrap();
     let arm64 = ImageRootfs::open_platform("arm64").unwrap();
     // `buildah from` of the list without a platform picks this machine's.
-    let host = if std::env::consts::ARCH == "aarch64" { "arm64" } else { "amd64" };
+    let host = if std::env::consts::ARCH == "aarch64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
     assert_eq!(ImageRootfs::open().unwrap().arch(), host);
     for (rootfs, machine) in [(&amd64, EM_X86_64), (&arm64, EM_AARCH64)] {
         let elf = std::fs::read(rootfs.root.join("eks-pod-identity-agent")).unwrap();
@@ -119,7 +124,10 @@ fn the_arm64_binary_runs_under_qemu_version_and_initialize_help() {
     let help = qemu(&arm64.root, &["initialize", "--help"]);
     assert!(help.status.success(), "{help:?}");
     let text = String::from_utf8_lossy(&help.stdout);
-    assert!(text.contains("Usage:") && text.contains("initialize"), "{text}");
+    assert!(
+        text.contains("Usage:") && text.contains("initialize"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -171,7 +179,8 @@ fn embedded_bpf_objects(exe: &[u8]) -> Vec<&[u8]> {
             continue;
         }
         let u16_at = |o: usize| usize::from(u16::from_le_bytes([obj[o], obj[o + 1]]));
-        let shoff = usize::try_from(u64::from_le_bytes(obj[0x28..0x30].try_into().unwrap())).unwrap();
+        let shoff =
+            usize::try_from(u64::from_le_bytes(obj[0x28..0x30].try_into().unwrap())).unwrap();
         let end = shoff + u16_at(0x3a) * u16_at(0x3c);
         found.push(&obj[..end]);
         at = start + end;
@@ -226,7 +235,11 @@ fn both_binaries_embed_the_same_ebpf_bytecode_without_co_re_relocations() {
     for obj in [a[0], b[0]] {
         let file = object::File::parse(obj).unwrap();
         if let Some(ext) = file.section_by_name(".BTF.ext") {
-            assert_eq!(core_relocation_bytes(ext.data().unwrap()), 0, "CO-RE records");
+            assert_eq!(
+                core_relocation_bytes(ext.data().unwrap()),
+                0,
+                "CO-RE records"
+            );
         }
     }
 }
@@ -266,7 +279,9 @@ fn the_sbom_beside_each_image_lists_the_crates_in_its_binary() {
         assert_eq!(meta["component"]["name"], "eks-pod-identity-agent");
         assert_eq!(meta["component"]["version"], VERSION);
         let props = meta["properties"].as_array().unwrap();
-        assert!(props.contains(&serde_json::json!({"name": "oci:platform", "value": format!("linux/{arch}")})));
+        assert!(props.contains(
+            &serde_json::json!({"name": "oci:platform", "value": format!("linux/{arch}")})
+        ));
         assert!(props.contains(&serde_json::json!({"name": "cargo:target", "value": target})));
 
         let components = bom["components"].as_array().unwrap();
@@ -275,7 +290,17 @@ fn the_sbom_beside_each_image_lists_the_crates_in_its_binary() {
             .map(|c| (c["name"].as_str().unwrap(), c))
             .collect();
         let how = |name: &str| by_name[name]["properties"][0]["value"].as_str().unwrap();
-        for linked in ["aya", "aws-sdk-eksauth", "aws-config", "tokio", "hyper", "rustls", "aws-lc-sys", "mimalloc", "agent-common"] {
+        for linked in [
+            "aya",
+            "aws-sdk-eksauth",
+            "aws-config",
+            "tokio",
+            "hyper",
+            "rustls",
+            "aws-lc-sys",
+            "mimalloc",
+            "agent-common",
+        ] {
             assert!(by_name.contains_key(linked), "{arch}: {linked} missing");
             assert_eq!(how(linked), "linked", "{arch}: {linked}");
         }
@@ -284,7 +309,16 @@ fn the_sbom_beside_each_image_lists_the_crates_in_its_binary() {
             assert_eq!(how(embedded), "embedded eBPF object", "{arch}: {embedded}");
         }
         // Not in the binary: dev and build dependencies, procedural macros, the test harness.
-        for absent in ["proptest", "aya-build", "cargo_metadata", "serde_derive", "thiserror-impl", "jsonwebtoken", "e2e", "xtask"] {
+        for absent in [
+            "proptest",
+            "aya-build",
+            "cargo_metadata",
+            "serde_derive",
+            "thiserror-impl",
+            "jsonwebtoken",
+            "e2e",
+            "xtask",
+        ] {
             assert!(!by_name.contains_key(absent), "{arch}: {absent} listed");
         }
         // Every registry crate is pinned by the checksum cargo verified it against.
@@ -292,7 +326,12 @@ fn the_sbom_beside_each_image_lists_the_crates_in_its_binary() {
             let (name, version) = (c["name"].as_str().unwrap(), c["version"].as_str().unwrap());
             assert_eq!(c["purl"], format!("pkg:cargo/{name}@{version}"));
             let hash = c["hashes"][0]["content"].as_str();
-            assert_eq!(hash, sums.get(&(name.to_owned(), version.to_owned())).map(String::as_str), "{arch}: {name} {version}");
+            assert_eq!(
+                hash,
+                sums.get(&(name.to_owned(), version.to_owned()))
+                    .map(String::as_str),
+                "{arch}: {name} {version}"
+            );
         }
     }
 }

@@ -132,7 +132,11 @@ fn musl_targets() -> Result<&'static str> {
     if missing.is_empty() {
         return Ok("already present");
     }
-    util::run(Command::new("rustup").args(["target", "add"]).args(&missing))?;
+    util::run(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )?;
     Ok("installed")
 }
 
@@ -164,15 +168,24 @@ fn cross_toolchain() -> Result<&'static str> {
 /// The dated nightly the eBPF programs are built with: `channel` in [`EBPF_TOOLCHAIN_FILE`].
 pub fn ebpf_toolchain() -> Result<String> {
     let file = util::workspace_root().join(EBPF_TOOLCHAIN_FILE);
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     text.lines()
         .find_map(|line| {
-            let value = line.trim().strip_prefix("channel")?.trim_start().strip_prefix('=')?;
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
             Some(value.trim().trim_matches('"').to_owned())
         })
         .filter(|c| c.starts_with("nightly-"))
-        .ok_or_else(|| anyhow!("no dated `channel = \"nightly-YYYY-MM-DD\"` in {}", file.display()))
+        .ok_or_else(|| {
+            anyhow!(
+                "no dated `channel = \"nightly-YYYY-MM-DD\"` in {}",
+                file.display()
+            )
+        })
 }
 
 /// Installs the eBPF crate's pinned nightly with rust-src (`-Z build-std=core`), idempotently.

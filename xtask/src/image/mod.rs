@@ -64,8 +64,7 @@ pub fn build() -> Result<()> {
     let commit = commit();
     let timestamp = timestamp();
     let out_dir = util::target_dir().join("image");
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut summary = Vec::new();
     for platform in PLATFORMS {
         let platform_started = Instant::now();

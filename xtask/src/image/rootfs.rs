@@ -16,14 +16,18 @@ use crate::util::output;
 /// Where the build host's CA bundle is (Debian `ca-certificates`).
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The users the Go image's base (eks-distro-minimal-base) knows: root's home is `/root`.
-const PASSWD: &str = "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n";
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n";
 const GROUP: &str = "root:x:0:\nnobody:x:65534:\n";
 
 /// The image's environment, as the Go image's: the AWS SDK finds `~/.aws` (hybrid nodes mount the
 /// node's credentials at `/root/.aws`) through `HOME`, and the TLS client its trust roots through
 /// `SSL_CERT_FILE`, at the path the original chart mounts the node's bundle over.
 pub fn env() -> [String; 2] {
-    ["HOME=/root".to_owned(), format!("SSL_CERT_FILE={CA_BUNDLE}")]
+    [
+        "HOME=/root".to_owned(),
+        format!("SSL_CERT_FILE={CA_BUNDLE}"),
+    ]
 }
 
 /// The per-platform tag: `<IMAGE>:<version>-<arch>`.

@@ -204,3 +204,33 @@ mod tests {
         assert_eq!(sums[&("aya".to_owned(), "0.14.0".to_owned())], "ab12");
     }
 }
+
+#[cfg(test)]
+mod workspace_tests {
+    use super::super::platform::ARM64;
+
+    /// The SBOM of this workspace's arm64 binary, as `cargo xtask image` writes it (cargo tree and
+    /// cargo metadata run for real; nothing is built).
+    #[test]
+    fn the_arm64_sbom_lists_linked_and_embedded_crates_but_no_build_or_dev_dependency() {
+        let path = std::env::temp_dir().join(format!("xtask-sbom-{}.json", std::process::id()));
+        super::write(ARM64, &path).unwrap();
+        let bom: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let how = |name: &str| {
+            bom["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .map(|c| c["properties"][0]["value"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(how("aws-sdk-eksauth").as_deref(), Some("linked"));
+        assert_eq!(how("mimalloc").as_deref(), Some("linked"));
+        assert_eq!(how("aya-ebpf").as_deref(), Some("embedded eBPF object"));
+        for absent in ["proptest", "aya-build", "serde_derive", "xtask"] {
+            assert_eq!(how(absent), None, "{absent}");
+        }
+    }
+}
