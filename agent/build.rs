@@ -22,14 +22,34 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: the build script is single-threaded here; nothing else reads the environment
     // concurrently.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
+    let channel = pinned_channel(root_dir.as_std_path())?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: package.name.as_str(),
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(&channel),
     )
+}
+
+/// The dated nightly the eBPF crate pins in its `rust-toolchain.toml` (aya-build runs
+/// `rustup run <channel>`, which a toolchain file cannot override).
+fn pinned_channel(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
+    let file = ebpf_dir.join("rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={}", file.display());
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|line| {
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+        .ok_or_else(|| anyhow!("no `channel = \"…\"` in {}", file.display()))
 }
 
 /// `EKS_POD_IDENTITY_AGENT_COMMIT` for `version` and the build-info metric: taken from the

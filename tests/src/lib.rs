@@ -9,7 +9,9 @@
 //! - [`clients`]: the real SDK clients run as a pod, and raw HTTP for inputs no SDK would send;
 //! - [`burst`]: many pods' first credential requests at once, each with botocore's own retry policy;
 //! - [`agent`]: the agent binary run inside a node, its probes, metrics and logs; and
-//!   [`agent::node_with_web_pods`], the node + fake EKS Auth + pods most tests open with.
+//!   [`agent::node_with_web_pods`], the node + fake EKS Auth + pods most tests open with;
+//! - [`image`]: the container image's root filesystem per platform, its config, the manifest list;
+//! - [`tls`]: a test CA and a TLS stand-in for EKS Auth in front of the fake.
 //!
 //! Privileged tests start with `if !e2e::privileged("name") { return; }`: outside CI a machine without root
 //! or the kernel features skips them; under `CI=true` the same situation fails the test.
@@ -21,8 +23,10 @@ pub mod clients;
 pub mod cluster_keys;
 pub mod fake_eks_auth;
 pub mod fake_kube_api;
+pub mod image;
 pub mod netns;
 pub mod node;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

@@ -1,13 +1,16 @@
-//! The container image end to end: `localhost/eks-pod-identity-agent:latest`, as `cargo xtask image`
-//! builds it (this test builds nothing).
+//! The container image end to end: this machine's platform of `localhost/eks-pod-identity-agent:latest`,
+//! as `cargo xtask image` builds it (this test builds nothing; `image_platforms.rs` covers the
+//! manifest list and the arm64 image).
 //!
 //! Containers cannot be run on these machines (podman/crun fail in hybrid cgroup mode), so the image
 //! is tested through its root filesystem (`buildah from` + `buildah mount`): it holds the binary,
-//! `/go-runner` and the CA bundle and nothing else, and the agent run from it with `chroot`, through
-//! go-runner with the chart's command, serves a pod's botocore — attributed by the kernel, with the
-//! mounts the DaemonSet gives the container (its own /proc and /sys, the host's cgroup v2 tree at
-//! /sys/fs/cgroup read-only, the audit log directory), set up in a private mount namespace that
-//! vanishes with the agent.
+//! `/go-runner`, the CA bundle and root's home and nothing else, and the agent run from it with
+//! `chroot`, through go-runner with the chart's command, with the image's environment only, serves
+//! a pod's botocore — attributed by the kernel, with the mounts the DaemonSet gives the container
+//! (its own /proc and /sys, the host's cgroup v2 tree at /sys/fs/cgroup read-only, the audit log
+//! directory), set up in a private mount namespace that vanishes with the agent. As the original
+//! chart runs it: trusting EKS Auth's certificate through the node's CA bundle mounted over the
+//! image's, and on a hybrid node signing with `/root/.aws/credentials` found through `HOME`.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -17,129 +20,23 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use e2e::agent::{AgentArgs, AgentProcess, Verbatim, node_with_web_pods, wait_audit_records};
+use anyhow::Result;
+use e2e::agent::{
+    AgentArgs, AgentProcess, Verbatim, node_with_web_pods, wait_audit_records,
+    write_credentials_file,
+};
 use e2e::clients::RawRequest;
 use e2e::fake_eks_auth::FakeEksAuth;
+use e2e::image::{ImageRootfs, VERSION};
 use e2e::node::{AGENT_V4, CREDENTIALS_URI_V4, Pod, SimNode};
-use serde_json::Value;
+use e2e::tls::{TestCa, TlsStandIn};
 
-const IMAGE: &str = "localhost/eks-pod-identity-agent:latest";
-/// The workspace's version, which `cargo xtask image` labels and tags the image with.
-const VERSION: &str = env!("CARGO_PKG_VERSION");
-const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+/// Where the image keeps its CA bundle (and where the original chart mounts the node's).
+const CA_BUNDLE: &str = "etc/pki/tls/certs/ca-bundle.crt";
+/// Debian's path of the bundle: a symbolic link to [`CA_BUNDLE`] in the image.
+const LEGACY_CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 /// Where the DaemonSet mounts the audit log's host directory.
 const AUDIT_DIR: &str = "var/log/eks-pod-identity-agent";
-/// Working containers of this test: `<prefix><pid>-<n>`.
-const CONTAINER_PREFIX: &str = "e2e-image-";
-
-/// The image's root filesystem: a buildah working container, mounted. Unmounted and removed on drop.
-struct ImageRootfs {
-    container: String,
-    root: PathBuf,
-}
-
-impl ImageRootfs {
-    /// `buildah from` + `buildah mount` of [`IMAGE`]. Fails (never skips) when buildah or the image
-    /// is missing.
-    fn open() -> Result<Self> {
-        if Command::new("buildah").arg("--version").output().is_err() {
-            bail!("buildah not found: run `cargo xtask setup` (Debian package buildah)");
-        }
-        if buildah(&["inspect", "--type", "image", IMAGE]).is_err() {
-            bail!("the image {IMAGE} is missing: run `cargo xtask image` first");
-        }
-        remove_leftover_containers();
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let container = format!("{CONTAINER_PREFIX}{}-{n}", std::process::id());
-        buildah(&[
-            "from",
-            "--quiet",
-            "--pull-never",
-            "--name",
-            &container,
-            IMAGE,
-        ])?;
-        // From here on, drop removes the container whatever fails.
-        let mut rootfs = Self {
-            container,
-            root: PathBuf::new(),
-        };
-        rootfs.root = PathBuf::from(buildah(&["mount", &rootfs.container])?.trim());
-        Ok(rootfs)
-    }
-
-    /// The image's config (`.OCIv1.config`: Entrypoint, Cmd, Env, Labels).
-    fn config(&self) -> Result<Value> {
-        // buildah 1.28's templates have no `json` function: the whole inspection, then the part.
-        let text = buildah(&["inspect", "--type", "image", IMAGE])?;
-        let inspect: Value =
-            serde_json::from_str(&text).context("`buildah inspect` did not print JSON")?;
-        Ok(inspect["OCIv1"]["config"].clone())
-    }
-
-    /// The image's `Env`, as `(name, value)` pairs.
-    fn env(&self) -> Result<Vec<(String, String)>> {
-        let config = self.config()?;
-        Ok(config["Env"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|e| e.as_str()?.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect())
-    }
-}
-
-impl Drop for ImageRootfs {
-    fn drop(&mut self) {
-        let _ = buildah(&["umount", &self.container]);
-        let _ = buildah(&["rm", &self.container]);
-    }
-}
-
-/// Removes working containers of test processes that no longer exist.
-fn remove_leftover_containers() {
-    let Ok(names) = buildah(&[
-        "containers",
-        "--noheading",
-        "--format",
-        "{{.ContainerName}}",
-    ]) else {
-        return;
-    };
-    for name in names.lines().map(str::trim) {
-        let pid = name
-            .strip_prefix(CONTAINER_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = buildah(&["rm", name]);
-        }
-    }
-}
-
-/// Runs `buildah <args>`: its stdout, or an error with its stderr.
-fn buildah(args: &[&str]) -> Result<String> {
-    let out = Command::new("buildah")
-        .args(args)
-        .output()
-        .context("running buildah")?;
-    if !out.status.success() {
-        bail!(
-            "`buildah {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Every entry under `dir`, as paths relative to `root`.
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) {
@@ -174,8 +71,10 @@ fn run_in(root: &Path, argv: &[&str]) -> String {
 }
 
 #[test]
-fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
-    if !e2e::privileged("the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only") {
+fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only() {
+    if !e2e::privileged(
+        "the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only",
+    ) {
         return;
     }
     let rootfs = ImageRootfs::open().unwrap();
@@ -183,28 +82,42 @@ fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
 
     let mut entries = Vec::new();
     walk(root, root, &mut entries);
-    let files: BTreeSet<String> = entries
-        .iter()
-        .filter(|(_, m)| !m.is_dir())
-        .map(|(p, _)| p.display().to_string())
-        .collect();
+    let of_kind = |keep: fn(&std::fs::Metadata) -> bool| -> BTreeSet<String> {
+        entries
+            .iter()
+            .filter(|(_, m)| keep(m))
+            .map(|(p, _)| p.display().to_string())
+            .collect()
+    };
+    let names =
+        |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| (*s).to_owned()).collect() };
     assert_eq!(
-        files,
-        BTreeSet::from([
-            "eks-pod-identity-agent".to_owned(),
-            "go-runner".to_owned(),
-            CA_BUNDLE.to_owned(),
+        of_kind(std::fs::Metadata::is_file),
+        names(&[
+            "eks-pod-identity-agent",
+            "go-runner",
+            CA_BUNDLE,
+            "etc/passwd",
+            "etc/group"
         ]),
-        "the image's files (besides directories)"
+        "the image's files"
     );
-    let dirs: BTreeSet<String> = entries
-        .iter()
-        .filter(|(_, m)| m.is_dir())
-        .map(|(p, _)| p.display().to_string())
-        .collect();
     assert_eq!(
-        dirs,
-        BTreeSet::from(["etc".into(), "etc/ssl".into(), "etc/ssl/certs".into()]),
+        of_kind(std::fs::Metadata::is_symlink),
+        names(&[LEGACY_CA_BUNDLE]),
+        "the image's symbolic links"
+    );
+    assert_eq!(
+        of_kind(std::fs::Metadata::is_dir),
+        names(&[
+            "etc",
+            "etc/pki",
+            "etc/pki/tls",
+            "etc/pki/tls/certs",
+            "etc/ssl",
+            "etc/ssl/certs",
+            "root"
+        ]),
         "the image's directories"
     );
 
@@ -221,6 +134,31 @@ fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
     assert!(
         bundle.matches("-----BEGIN CERTIFICATE-----").count() > 10,
         "the CA bundle holds the CA certificates"
+    );
+    // Relative, so that it resolves inside the container (and here, inside the mounted root).
+    assert_eq!(
+        std::fs::read_link(root.join(LEGACY_CA_BUNDLE)).unwrap(),
+        Path::new("../../pki/tls/certs/ca-bundle.crt")
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join(LEGACY_CA_BUNDLE)).unwrap(),
+        bundle
+    );
+    // root's home is /root, as in the Go image's /etc/passwd, and it exists.
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("root:x:0:0:") && l.split(':').nth(5) == Some("/root")),
+        "{passwd}"
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("root"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
     );
     let size: u64 = agent.len() + bundle.len() as u64;
     assert!(size < 40_000_000, "the image's content is {size} bytes");
@@ -257,13 +195,13 @@ fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
         "{config}"
     );
     assert!(!revision.is_empty() && revision != "unknown", "{config}");
-    assert!(
-        rootfs
-            .env()
-            .unwrap()
-            .contains(&("SSL_CERT_FILE".into(), format!("/{CA_BUNDLE}"))),
-        "{config}"
-    );
+    let env = rootfs.env().unwrap();
+    for (var, value) in [
+        ("HOME", "/root".to_owned()),
+        ("SSL_CERT_FILE", format!("/{CA_BUNDLE}")),
+    ] {
+        assert!(env.contains(&(var.into(), value)), "{var}: {config}");
+    }
 }
 
 /// `sh` + `unshare` + `sh` + `chroot` in front of the image's argv, as a DaemonSet container runs:
@@ -273,15 +211,25 @@ fn the_image_holds_the_static_binary_go_runner_and_the_ca_bundle_only() {
 /// /sys/fs/cgroup — which the agent then sees through its namespace as `/..`-rooted — and the
 /// audit directory), then `chroot` into the image. The mounts go with the namespace when the agent
 /// exits; the mount points are created in the working container only.
-fn container_wrapper(rootfs: &ImageRootfs, node: &SimNode, audit_dir: &Path) -> Vec<OsString> {
+/// `binds` are further read-only bind mounts `(host path, path in the container)`, as the chart's
+/// hostPath volumes (the node's CA bundle over the image's).
+fn container_wrapper(
+    rootfs: &ImageRootfs,
+    node: &SimNode,
+    audit_dir: &Path,
+    binds: &[(PathBuf, &str)],
+) -> Vec<OsString> {
     const ENTER: &str = r#"echo $$ > "$0" &&
 exec unshare --cgroup --mount --propagation private -- sh -c "$@""#;
-    const SCRIPT: &str = r#"root="$0" cgroup2="$1" audit="$2"; shift 2
+    const SCRIPT: &str = r#"root="$0" cgroup2="$1" audit="$2" binds="$3"; shift 3
 mount -t proc proc "$root/proc" &&
 mount -t sysfs sysfs "$root/sys" &&
 mount --bind "$cgroup2" "$root/sys/fs/cgroup" &&
 mount -o remount,bind,ro "$root/sys/fs/cgroup" &&
 mount --bind "$audit" "$root/var/log/eks-pod-identity-agent" &&
+printf '%s' "$binds" | while IFS='|' read -r src dst; do
+  mount --bind "$src" "$root$dst" && mount -o remount,bind,ro "$root$dst" || exit 1
+done &&
 exec chroot "$root" "$@""#;
     for dir in ["proc", "sys", AUDIT_DIR] {
         std::fs::create_dir_all(rootfs.root.join(dir)).unwrap();
@@ -298,6 +246,11 @@ exec chroot "$root" "$@""#;
         rootfs.root.clone().into_os_string(),
         cgroup2.into_os_string(),
         audit_dir.into(),
+        binds
+            .iter()
+            .map(|(src, dst)| format!("{}|{dst}\n", src.display()))
+            .collect::<String>()
+            .into(),
     ]
 }
 
@@ -335,27 +288,60 @@ fn chart_argv(node: &SimNode, cluster: &str, endpoint: &str, extra: &[&str]) -> 
     }
 }
 
-/// Runs `initialize` and `server` from the image as the chart does, in the container's mounts, with
-/// the environment `env` (the image's config, or a variation of it) instead of the test's `SSL_*`.
+/// How a test runs the image: what the chart would vary.
+struct Launch<'a> {
+    /// `--endpoint`.
+    endpoint: String,
+    /// Further `server` flags.
+    extra: &'a [&'a str],
+    /// The container's environment (the image's config, or a variation of it): nothing of the
+    /// test's `HOME` or `SSL_*` gets through.
+    env: Vec<(String, String)>,
+    /// Read-only bind mounts into the container.
+    binds: Vec<(PathBuf, &'a str)>,
+    /// Whether the harness's AWS key pair is in the environment (`false`: the agent must find its
+    /// own credentials, as on a hybrid node).
+    env_credentials: bool,
+}
+
+impl Launch<'_> {
+    fn new(endpoint: String, env: Vec<(String, String)>) -> Self {
+        Self {
+            endpoint,
+            extra: &[],
+            env,
+            binds: Vec::new(),
+            env_credentials: true,
+        }
+    }
+}
+
+/// Runs `initialize` and `server` from the image as the chart does, in the container's mounts.
 fn start_from_image(
     rootfs: &ImageRootfs,
     node: &SimNode,
     fake: &FakeEksAuth,
-    endpoint: &str,
-    extra: &[&str],
-    env: Vec<(String, String)>,
+    launch: Launch<'_>,
 ) -> Result<(AgentProcess, PathBuf)> {
-    let audit_dir = node.dir().join(format!("audit-{}", rootfs.container));
+    let audit_dir = node.dir().join(format!("audit-{}", rootfs.name()));
     std::fs::create_dir_all(&audit_dir)?;
-    let env_remove = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+    let mut env_remove: Vec<String> = ["SSL_CERT_FILE", "SSL_CERT_DIR", "HOME"]
         .into_iter()
-        .filter(|var| !env.iter().any(|(k, _)| k == var))
+        .filter(|var| !launch.env.iter().any(|(k, _)| k == var))
         .map(str::to_owned)
         .collect();
+    if !launch.env_credentials {
+        env_remove.extend(["AWS_ACCESS_KEY_ID".into(), "AWS_SECRET_ACCESS_KEY".into()]);
+    }
     let args = AgentArgs {
-        wrapper: container_wrapper(rootfs, node, &audit_dir),
-        verbatim: Some(chart_argv(node, fake.cluster(), endpoint, extra)),
-        env,
+        wrapper: container_wrapper(rootfs, node, &audit_dir, &launch.binds),
+        verbatim: Some(chart_argv(
+            node,
+            fake.cluster(),
+            &launch.endpoint,
+            launch.extra,
+        )),
+        env: launch.env,
         env_remove,
         ..AgentArgs::default()
     };
@@ -372,15 +358,11 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
     let rootfs = ImageRootfs::open().unwrap();
     let (node, fake, [pod]) = node_with_web_pods("e2e-image", ["web-0"]).unwrap();
     // `enforce` refuses to start without the eBPF programs: ready means attached.
-    let (agent, audit_log) = start_from_image(
-        &rootfs,
-        &node,
-        &fake,
-        &fake.endpoint(),
-        &["--token-binding", "enforce"],
-        rootfs.env().unwrap(),
-    )
-    .unwrap();
+    let launch = Launch {
+        extra: &["--token-binding", "enforce"],
+        ..Launch::new(fake.endpoint(), rootfs.env().unwrap())
+    };
+    let (agent, audit_log) = start_from_image(&rootfs, &node, &fake, launch).unwrap();
 
     // It is the image's binary that runs, in the image's root, exec'd by go-runner.
     let pid = agent.pid().unwrap();
@@ -455,23 +437,9 @@ fn the_agent_from_the_image_serves_a_pods_botocore_attributed() {
     assert!(status.success(), "the agent exits 0 on SIGTERM: {status}");
 }
 
-/// What the SDK's HTTPS client logs when it finds no CA certificate to trust.
-const NO_ROOTS: &[&str] = &[
-    "no native root CA certificates found",
-    "native root CA certificate loading errors",
-];
-
-/// Has the agent call EKS Auth over TLS once (at the fake's port, which answers in plain HTTP: the
-/// handshake fails after the client loaded its roots) and returns the agent's log.
-fn tls_call_log(
-    rootfs: &ImageRootfs,
-    node: &SimNode,
-    fake: &FakeEksAuth,
-    pod: &Pod,
-    env: Vec<(String, String)>,
-) -> String {
-    let endpoint = format!("https://{}", fake.addr());
-    let (agent, _) = start_from_image(rootfs, node, fake, &endpoint, &[], env).unwrap();
+/// Asks the agent for credentials once with a fresh token, raw (no SDK retries): the status, and
+/// how many EKS Auth calls that token made.
+fn one_request(pod: &Pod, fake: &FakeEksAuth) -> (u16, u64) {
     let token = pod.refresh_token(fake).unwrap();
     let request = RawRequest::get("/v1/credentials")
         .host("169.254.170.23")
@@ -481,50 +449,130 @@ fn tls_call_log(
         .raw_http(
             SocketAddr::from((AGENT_V4, 80)),
             &request,
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .unwrap();
-    let logs = agent.logs().unwrap();
-    assert!(
-        r.status >= 500,
-        "EKS Auth over TLS to a plain-HTTP port fails: {} {}\n{logs}",
-        r.status,
-        r.body_text()
-    );
-    assert_eq!(fake.calls_for_token(&token), 0, "no call got through");
-    logs
+    (r.status, fake.calls_for_token(&token))
 }
 
+/// ISO regions and private CAs: the original chart mounts the node's CA bundle over
+/// `/etc/pki/tls/certs/ca-bundle.crt`, which the Go agent reads as its system roots. EKS Auth here
+/// is a real TLS server whose certificate a test CA signed: with that CA's bundle mounted where the
+/// chart mounts it, the agent from the image trusts it and the pod is served — with the image's
+/// `SSL_CERT_FILE`, and without it (rustls-native-certs then finds Debian's path, a link to the
+/// mounted file). Without the mount, the image's own bundle does not know the test CA, and the call
+/// fails: the mount is what is trusted.
 #[test]
-fn the_agent_from_the_image_finds_the_ca_bundle_for_eks_auth_over_tls() {
-    if !e2e::privileged("the_agent_from_the_image_finds_the_ca_bundle_for_eks_auth_over_tls") {
+fn eks_auth_behind_the_nodes_ca_is_trusted_through_the_bundle_mounted_over_the_images() {
+    if !e2e::privileged(
+        "eks_auth_behind_the_nodes_ca_is_trusted_through_the_bundle_mounted_over_the_images",
+    ) {
         return;
     }
     let rootfs = ImageRootfs::open().unwrap();
     let (node, fake, [pod]) = node_with_web_pods("e2e-image-tls", ["web-0"]).unwrap();
+    let ca = TestCa::create(&node.dir().join("test-ca")).unwrap();
+    let tls = TlsStandIn::start(node.netns(), &ca, fake.addr()).unwrap();
     let image_env = rootfs.env().unwrap();
-
-    // With the image's SSL_CERT_FILE, and without it (where rustls-native-certs looks by itself).
-    let without: Vec<_> = image_env
+    let without_ssl_cert_file: Vec<_> = image_env
         .iter()
         .filter(|(k, _)| k != "SSL_CERT_FILE")
         .cloned()
         .collect();
+    let node_bundle = || vec![(ca.ca_pem.clone(), "/etc/pki/tls/certs/ca-bundle.crt")];
+
     for (case, env) in [
         ("image env", image_env.clone()),
-        ("no SSL_CERT_FILE", without),
+        ("no SSL_CERT_FILE", without_ssl_cert_file),
     ] {
-        let logs = tls_call_log(&rootfs, &node, &fake, &pod, env);
-        for warning in NO_ROOTS {
-            assert!(!logs.contains(warning), "{case}: {warning}:\n{logs}");
-        }
+        let launch = Launch {
+            binds: node_bundle(),
+            ..Launch::new(tls.endpoint(), env)
+        };
+        let (agent, _) = start_from_image(&rootfs, &node, &fake, launch).unwrap();
+        pod.refresh_token(&fake).unwrap();
+        let creds = pod
+            .fetch_with_botocore(CREDENTIALS_URI_V4)
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{case}: botocore: {e}\n{}", agent.logs().unwrap()));
+        assert!(creds.access_key_id.starts_with("ASIA"), "{case}: {creds:?}");
+        assert!(agent.stop().unwrap().success(), "{case}");
     }
-
-    // The control: the same with the bundle taken out of this working container (not the image).
-    std::fs::remove_file(rootfs.root.join(CA_BUNDLE)).unwrap();
-    let logs = tls_call_log(&rootfs, &node, &fake, &pod, image_env);
+    let handshakes = tls.handshakes();
     assert!(
-        NO_ROOTS.iter().any(|w| logs.contains(w)),
-        "without the bundle the SDK says it found no CA certificate:\n{logs}"
+        handshakes >= 2,
+        "EKS Auth was reached over TLS: {handshakes} handshakes"
     );
+
+    // The control: the image's own bundle, no mount.
+    let (agent, _) = start_from_image(
+        &rootfs,
+        &node,
+        &fake,
+        Launch::new(tls.endpoint(), image_env),
+    )
+    .unwrap();
+    let (status, calls) = one_request(&pod, &fake);
+    let logs = agent.logs().unwrap();
+    assert!(status >= 500, "an unknown CA is refused: {status}\n{logs}");
+    assert_eq!(calls, 0, "no call got through:\n{logs}");
+    assert_eq!(tls.handshakes(), handshakes, "no handshake completed");
+}
+
+/// Hybrid nodes: the original's hybrid DaemonSets pass `--rotate-credentials true` and mount the
+/// node's `.aws` directory at `/root/.aws`, and set no `AWS_SHARED_CREDENTIALS_FILE` nor any key in
+/// the environment. The agent from the image finds `/root/.aws/credentials` through the image's
+/// `HOME` and signs EKS Auth calls with that key. Without `HOME` (the image before it had one) the
+/// SDK looks for `/.aws/credentials` and the pod is not served.
+#[test]
+fn on_a_hybrid_node_the_agent_from_the_image_signs_with_roots_aws_credentials() {
+    if !e2e::privileged(
+        "on_a_hybrid_node_the_agent_from_the_image_signs_with_roots_aws_credentials",
+    ) {
+        return;
+    }
+    const NODE_KEY: &str = "AKIAE2EHYBRIDIMAGE01";
+    let rootfs = ImageRootfs::open().unwrap();
+    let (node, fake, [pod]) = node_with_web_pods("e2e-image-hybrid", ["web-0"]).unwrap();
+    let aws = rootfs.root.join("root/.aws");
+    std::fs::create_dir_all(&aws).unwrap();
+    write_credentials_file(&aws.join("credentials"), NODE_KEY, "hybrid-image-secret").unwrap();
+    let image_env = rootfs.env().unwrap();
+    assert!(
+        !image_env.iter().any(|(k, _)| k.starts_with("AWS_")),
+        "{image_env:?}"
+    );
+    let hybrid = |env| Launch {
+        extra: &["--rotate-credentials", "true"],
+        env_credentials: false,
+        ..Launch::new(fake.endpoint(), env)
+    };
+
+    let (agent, _) = start_from_image(&rootfs, &node, &fake, hybrid(image_env.clone())).unwrap();
+    pod.refresh_token(&fake).unwrap();
+    let creds = pod
+        .fetch_with_botocore(CREDENTIALS_URI_V4)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("botocore: {e}\n{}", agent.logs().unwrap()));
+    assert!(creds.access_key_id.starts_with("ASIA"), "{creds:?}");
+    let signed_with = fake
+        .last_request()
+        .and_then(|r| r.header("authorization").map(str::to_owned))
+        .unwrap_or_default();
+    assert!(
+        signed_with.contains(&format!("Credential={NODE_KEY}/")),
+        "signed with the node's key: {signed_with}"
+    );
+    assert!(agent.stop().unwrap().success());
+
+    // The control: the same container without HOME.
+    let without_home = image_env.into_iter().filter(|(k, _)| k != "HOME").collect();
+    let (agent, _) = start_from_image(&rootfs, &node, &fake, hybrid(without_home)).unwrap();
+    let (status, calls) = one_request(&pod, &fake);
+    assert!(
+        status >= 500,
+        "no credentials without HOME: {status}\n{}",
+        agent.logs().unwrap()
+    );
+    assert_eq!(calls, 0);
 }

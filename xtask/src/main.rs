@@ -43,9 +43,10 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-    /// Setup, build the agent as a static (musl) release binary and the container image FROM
-    /// scratch with buildah, offline: `localhost/eks-pod-identity-agent:latest` and `:<version>`
-    /// (needs root).
+    /// Setup, build the agent as a static (musl) release binary for linux/amd64 and linux/arm64
+    /// and an image FROM scratch for each with buildah, offline, under one manifest list:
+    /// `localhost/eks-pod-identity-agent:latest` and `:<version>`; a CycloneDX SBOM of each
+    /// binary's crates in target/image/ (needs root).
     Image,
     /// Run every fuzz target (or one) for a while from its checked-in corpus, with cargo-fuzz on
     /// nightly (installed when missing); fails on a crash. Inputs found go to fuzz/work, crashes
@@ -87,7 +88,8 @@ fn test(args: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces, links and cgroups")?;
     setup::run()?;
     deploy::check(false)?;
-    // The image tests run the agent from the image's root filesystem: build it from this tree.
+    // The image tests run the agent from the image's root filesystems: build both platforms from
+    // this tree, once per run (the tests only read them).
     image::build()?;
     let agent = util::build_agent(&[])?;
     // This command runs everything for real: a privileged test that cannot run fails, as in CI.

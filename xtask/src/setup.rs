@@ -9,7 +9,8 @@ use std::process::Command;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: `ip` for the simulated node, `promtool` for metrics and alert rules, wrk and
 /// nginx (serving the same body, side by side) for the bench, buildah and musl's C toolchain for
-/// the image, `setpriv` (util-linux) for the capability-limited runs.
+/// the image, qemu-user to run the image's binary for the other CPU, `setpriv` (util-linux) for
+/// the capability-limited runs.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "prometheus",
@@ -17,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     "buildah",
     "musl-tools",
+    "qemu-user-static",
     "util-linux",
 ];
 /// Python packages: botocore is a pod's SDK in the tests; Helm's engine and the Kubernetes schema
@@ -26,8 +28,11 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("helm-python-sdk", "helm_python"),
     ("kubernetes-validate", "kubernetes_validate"),
 ];
-/// The image's binary is static (musl).
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The cross C toolchain and linker for the image's other CPU (`cargo zigbuild`): PyPI wheels,
+/// zig itself and cargo-zigbuild's binary (which finds zig through `python3 -m ziglang`).
+const CROSS_PIP_PACKAGES: &[&str] = &["ziglang", "cargo-zigbuild"];
+/// The eBPF crate's toolchain file, naming the dated nightly it is built with.
+const EBPF_TOOLCHAIN_FILE: &str = "agent-ebpf/rust-toolchain.toml";
 
 fn run_step(name: &str, manual: &str, step: impl FnOnce() -> Result<&'static str>) -> Result<()> {
     match step() {
@@ -48,9 +53,9 @@ pub fn run() -> Result<()> {
         nightly,
     )?;
     run_step(
-        "nightly rust-src",
-        "rustup component add rust-src --toolchain nightly",
-        rust_src,
+        "eBPF nightly (agent-ebpf/rust-toolchain.toml) with rust-src",
+        "rustup toolchain install <channel> --profile minimal --component rust-src",
+        ebpf_nightly,
     )?;
     run_step(
         "clippy and rustfmt",
@@ -59,9 +64,9 @@ pub fn run() -> Result<()> {
     )?;
     run_step(
         &format!("bpf-linker {BPF_LINKER_VERSION}"),
-        "see /work/shared/EBPF-NOTES.md: symlink $(rustc +nightly --print sysroot)/lib/libLLVM.so.* as \
-         <dir>/libLLVM.so, then LLVM_PREFIX=$(rustc +nightly --print sysroot) RUSTFLAGS=\"-L native=<dir>\" \
-         cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-<major>",
+        "with <channel> from agent-ebpf/rust-toolchain.toml: symlink $(rustc +<channel> --print sysroot)/lib/libLLVM.so.* \
+         as <dir>/libLLVM.so, then LLVM_PREFIX=$(rustc +<channel> --print sysroot) RUSTFLAGS=\"-L native=<dir>\" \
+         cargo install bpf-linker@0.13.0 --locked --force --no-default-features --features llvm-<major>",
         bpf_linker,
     )?;
     run_step(
@@ -72,10 +77,19 @@ pub fn run() -> Result<()> {
         ),
         apt_packages,
     )?;
+    let targets = crate::image::PLATFORMS.map(|p| p.target).join(" ");
     run_step(
-        &format!("rust target {MUSL_TARGET}"),
-        &format!("rustup target add {MUSL_TARGET}"),
-        musl_target,
+        &format!("rust targets {targets}"),
+        &format!("rustup target add {targets}"),
+        musl_targets,
+    )?;
+    run_step(
+        &format!("cross toolchain ({})", CROSS_PIP_PACKAGES.join(" ")),
+        &format!(
+            "python3 -m pip install --break-system-packages {}",
+            CROSS_PIP_PACKAGES.join(" ")
+        ),
+        cross_toolchain,
     )?;
     let pip_names: Vec<&str> = PIP_PACKAGES.iter().map(|(name, _)| *name).collect();
     run_step(
@@ -89,7 +103,8 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The eBPF programs build on nightly (`-Z build-std`); rustup installs one when it has none.
+/// The fuzz targets build on nightly (cargo-fuzz); rustup installs one when it has none. (The eBPF
+/// programs build on a dated nightly of their own: [`ebpf_nightly`].)
 fn nightly() -> Result<&'static str> {
     if output("rustc", &["+nightly", "--version"]).is_some() {
         return Ok("already present");
@@ -106,34 +121,94 @@ fn nightly() -> Result<&'static str> {
     Ok("installed")
 }
 
-fn musl_target() -> Result<&'static str> {
+/// The image's static binaries: a musl target per platform.
+fn musl_targets() -> Result<&'static str> {
     let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
-    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+    let missing: Vec<&str> = crate::image::PLATFORMS
+        .iter()
+        .map(|p| p.target)
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
         return Ok("already present");
     }
-    util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    util::run(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )?;
     Ok("installed")
 }
 
-fn rust_src() -> Result<&'static str> {
-    let installed = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )
-    .ok_or_else(|| {
-        anyhow!(
-            "`rustup component list --toolchain nightly` failed: is a nightly toolchain installed?"
+fn cross_toolchain() -> Result<&'static str> {
+    let works = || {
+        output("cargo-zigbuild", &["--version"]).is_some()
+            && output("python3", &["-m", "ziglang", "version"]).is_some()
+    };
+    if works() {
+        return Ok("already present");
+    }
+    util::run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(CROSS_PIP_PACKAGES)
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )?;
+    if !works() {
+        bail!(
+            "pip installed {} but `cargo-zigbuild --version` or `python3 -m ziglang version` fails: \
+             is pip's script directory on PATH?",
+            CROSS_PIP_PACKAGES.join(" ")
+        );
+    }
+    Ok("installed")
+}
+
+/// The dated nightly the eBPF programs are built with: `channel` in [`EBPF_TOOLCHAIN_FILE`].
+pub fn ebpf_toolchain() -> Result<String> {
+    let file = util::workspace_root().join(EBPF_TOOLCHAIN_FILE);
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|line| {
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+        .filter(|c| c.starts_with("nightly-"))
+        .ok_or_else(|| {
+            anyhow!(
+                "no dated `channel = \"nightly-YYYY-MM-DD\"` in {}",
+                file.display()
+            )
+        })
+}
+
+/// Installs the eBPF crate's pinned nightly with rust-src (`-Z build-std=core`), idempotently.
+fn ebpf_nightly() -> Result<&'static str> {
+    let channel = ebpf_toolchain()?;
+    let has_src = || {
+        output(
+            "rustup",
+            &["component", "list", "--toolchain", &channel, "--installed"],
         )
-    })?;
-    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        .is_some_and(|l| l.lines().any(|l| l.trim().starts_with("rust-src")))
+    };
+    if output("rustc", &[&format!("+{channel}"), "--version"]).is_some() && has_src() {
         return Ok("already present");
     }
     util::run(Command::new("rustup").args([
-        "component",
-        "add",
+        "toolchain",
+        "install",
+        &channel,
+        "--profile",
+        "minimal",
+        "--component",
         "rust-src",
-        "--toolchain",
-        "nightly",
     ]))?;
     Ok("installed")
 }
@@ -147,20 +222,43 @@ fn lint_components() -> Result<&'static str> {
     Ok("installed")
 }
 
-fn bpf_linker_ok() -> bool {
-    output("bpf-linker", &["--version"])
-        .is_some_and(|v| v.split_whitespace().last() == Some(BPF_LINKER_VERSION))
+/// bpf-linker of the right version, linked against (and finding) the very libLLVM of the eBPF
+/// nightly: it reads the bitcode that nightly's rustc writes.
+fn bpf_linker_ok(libllvm: &Path) -> bool {
+    let version_ok = output("bpf-linker", &["--version"])
+        .is_some_and(|v| v.split_whitespace().last() == Some(BPF_LINKER_VERSION));
+    let Some(soname) = libllvm.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let linked_ok = which_bpf_linker()
+        .and_then(|bin| output("ldd", &[&bin]))
+        .is_some_and(|ldd| {
+            ldd.lines().any(|l| {
+                let l = l.trim();
+                l.starts_with(soname) && !l.contains("not found")
+            })
+        });
+    version_ok && linked_ok
+}
+
+/// bpf-linker's path on PATH.
+fn which_bpf_linker() -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|p| p.is_file())
+        .and_then(|p| p.to_str().map(str::to_owned))
 }
 
 fn bpf_linker() -> Result<&'static str> {
-    if bpf_linker_ok() {
-        return Ok("already present");
-    }
-    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).ok_or_else(|| {
-        anyhow!("`rustc +nightly --print sysroot` failed: is a nightly toolchain installed?")
-    })?;
+    let channel = ebpf_toolchain()?;
+    let sysroot = output("rustc", &[&format!("+{channel}"), "--print", "sysroot"])
+        .ok_or_else(|| anyhow!("`rustc +{channel} --print sysroot` failed: is it installed?"))?;
     let sysroot = PathBuf::from(sysroot.trim());
     let (libllvm, major) = find_libllvm(&sysroot.join("lib"))?;
+    if bpf_linker_ok(&libllvm) {
+        return Ok("already present");
+    }
     println!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
         libllvm.display()
@@ -185,10 +283,11 @@ fn bpf_linker() -> Result<&'static str> {
     let _ = std::fs::remove_dir_all(&link_dir);
     result?;
 
-    if !bpf_linker_ok() {
+    if !bpf_linker_ok(&libllvm) {
         bail!(
-            "bpf-linker was installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION}: \
-             is ~/.cargo/bin on PATH?"
+            "bpf-linker was installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION} \
+             or it does not link {}: is ~/.cargo/bin on PATH?",
+            libllvm.display()
         );
     }
     Ok("installed")
