@@ -298,8 +298,9 @@ fn cached_credentials_survive(cluster: &str, fault: Fault) {
         s.agent.logs().unwrap_or_default()
     );
     // Let the failing renewal finish (a hang takes the agent's whole call timeout).
+    let call_timeout = pod_identity_agent::config::UpstreamConfig::default().call_timeout;
     assert!(
-        e2e::wait_for(Duration::from_secs(3), || {
+        e2e::wait_for(call_timeout + Duration::from_secs(2), || {
             s.agent.metric("pod_identity_upstream_in_flight").unwrap() == 0.0
         }),
         "{fault:?}: the renewal call never ended"

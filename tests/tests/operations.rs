@@ -11,11 +11,13 @@ use e2e::clients::{RawRequest, RawResponse};
 use e2e::fake_eks_auth::{ApiError, FakeEksAuth, Fault, FaultTimes};
 use e2e::node::{AGENT_V4, AGENT_V6, CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod};
 
-/// The original agent's counters, whose names must stay exactly as they are (no `_total`).
-const ORIGINAL_COUNTERS: [&str; 3] = [
+/// The original agent's counters, whose names must stay exactly as they are (no `_total`), and the
+/// one its next release adds (local validation).
+const ORIGINAL_COUNTERS: [&str; 4] = [
     "pod_identity_http_response",
     "pod_identity_cache_state",
     "pod_identity_cache_errors",
+    "pod_identity_local_validation",
 ];
 
 fn get(pod: &Pod, addr: SocketAddr, token: &str) -> anyhow::Result<RawResponse> {
