@@ -10,6 +10,7 @@
 //!   ([`ebpf`]), the caller's cgroup and pod ([`cgroup`]), token binding and per-pod limits.
 //! - [`token`]: the projected service-account token's claims, read but not verified.
 //! - [`validation`]: new tokens' signatures checked with the cluster's keys, when at hand.
+//! - [`proof`]: what vouches for a request's identity: the kernel, a signature, EKS Auth.
 //! - [`credentials`]: the retriever trait, the EKS Auth client, and the cache that wraps it.
 //! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus;
 //!   [`audit_who`] answers from the audit log which pod and process got an access key.
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod probe_listener;
 pub mod probes;
+pub mod proof;
 pub mod server;
 pub mod shutdown;
 pub mod token;

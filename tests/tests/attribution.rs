@@ -94,6 +94,12 @@ fn assert_pod_record(
     assert_eq!(r["http_status"], 200, "{ctx}");
     assert!(r.get("reason").is_none(), "{ctx}");
     assert_eq!(r["binding"], "match", "{ctx}");
+    // No cluster keys here: the kernel and EKS Auth vouch, not a signature.
+    assert_eq!(
+        r["verified_by"],
+        serde_json::json!(["kernel", "eks-auth"]),
+        "{ctx}"
+    );
     assert_eq!(r["cache"], cache, "{ctx}");
     assert!(r["latency_us"].is_u64(), "{ctx}");
     assert!(

@@ -71,6 +71,8 @@ fn enforce_refuses_replayed_and_foreign_node_tokens_and_unattributed_callers() {
     assert_eq!(r["outcome"], "denied", "{r}");
     assert_eq!(r["http_status"], 403, "{r}");
     assert_eq!(r["binding"], "mismatch", "{r}");
+    // The kernel saw another pod, and the token never reached EKS Auth: nothing vouches.
+    assert_eq!(r["verified_by"], serde_json::json!([]), "{r}");
     assert!(
         r["reason"].as_str().is_some_and(|s| s.contains(&a.uid)),
         "{r}"

@@ -93,8 +93,9 @@ fn a_pod_flooding_forged_tokens_takes_no_other_pods_credentials() {
     let rss = RssSampler::start(agent.pid().unwrap());
     let calls_before = fake.calls();
     let flood = Flood::start(&attacker, "169.254.170.23", &tokens, RATE, HOLD).unwrap();
-    // The backlog builds up before the neighbour arrives.
-    std::thread::sleep(Duration::from_secs(8));
+    // The backlog builds up before the neighbour arrives: EKS Auth drains ~50 calls a second, so
+    // one first-come-first-served queue of 5,000 (the agent before issue 16) is full within 9 s.
+    std::thread::sleep(Duration::from_secs(12));
 
     neighbour.refresh_token(&fake).unwrap();
     let asked = Instant::now();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods};
 use e2e::clients::{Family, RawRequest};
 use e2e::cluster_keys::ClusterKey;
-use e2e::fake_eks_auth::FakeEksAuth;
+use e2e::fake_eks_auth::{ApiError, FakeEksAuth, Fault, FaultTimes};
 use e2e::fake_kube_api::{self, FakeKubeApi, KubeFault, Op};
 use e2e::node::{AGENT_V4, Pod, SimNode};
 
@@ -244,6 +244,72 @@ fn stored_keys_validate_while_the_api_server_is_down_and_no_keys_mean_no_outage(
             .metric("pod_identity_local_validation{result=\"skipped\"}")
             .unwrap()
             >= 1.0
+    );
+    agent.stop().unwrap();
+}
+
+/// The cache is keyed by the pod once a token verifies: the kubelet's rotated token of a cached
+/// pod costs no EKS Auth call, and is served from the cache while EKS Auth is down, with no eBPF
+/// (no kernel to vouch for the caller). A forgery of the same pod is still refused.
+#[test]
+fn a_rotated_token_is_served_from_the_cache_without_eks_auth_or_ebpf() {
+    if !e2e::privileged("a_rotated_token_is_served_from_the_cache_without_eks_auth_or_ebpf") {
+        return;
+    }
+    let (node, fake, web, api, key) = cluster("e2e-rotated");
+    let audit = node.dir().join("audit.log");
+    let args = AgentArgs {
+        cgroup_root: false,
+        ..validating_args(&node, &api, "auto", &node.dir().join("state"))
+    }
+    .audit_log(&audit)
+    .args(["--cgroup-root", "/nonexistent/dir"]);
+    let agent = AgentProcess::start(&node, &fake, args).unwrap();
+    assert_eq!(agent.metric("pod_identity_ebpf_attached").unwrap(), 0.0);
+
+    let first = web.refresh_token(&fake).unwrap();
+    let (status, issued) = get(&web, &first);
+    assert_eq!(status, 200, "{issued}\nlog:\n{}", agent.logs().unwrap());
+    let calls = fake.calls();
+
+    // The kubelet rotates the token: its signature verifies, the pod's credentials are served.
+    let rotated = web.refresh_token(&fake).unwrap();
+    assert_ne!(rotated, first);
+    let (status, body) = get(&web, &rotated);
+    assert_eq!((status, &body), (200, &issued));
+    assert_eq!(fake.calls(), calls, "no EKS Auth call for a rotated token");
+
+    // EKS Auth is down: the next rotation is served from the cache too.
+    fake.set_fault(
+        Fault::Error(ApiError::ServiceUnavailable),
+        FaultTimes::Always,
+    );
+    let during_outage = web.refresh_token(&fake).unwrap();
+    let (status, body) = get(&web, &during_outage);
+    assert_eq!((status, &body), (200, &issued));
+    assert_eq!(sdk_status(&web), 200, "the SDK, on the same token");
+    assert_eq!(fake.calls(), calls, "EKS Auth was not asked");
+    // A token of the same pod signed with another key is no rotation.
+    let other = ClusterKey::fixture("rsa-2").unwrap();
+    let forged = fake
+        .issue_token_signed(&web.token_spec(), &other, &key.kid)
+        .unwrap();
+    assert_eq!(get(&web, &forged).0, 400);
+
+    // The audit log says what vouched for each: EKS Auth and the signature for the first token,
+    // the signature alone for the rotated ones (no kernel here).
+    let records = e2e::agent::wait_audit_records(&audit, 5, Duration::from_secs(10)).unwrap();
+    let verified_by: Vec<_> = records.iter().map(|r| r["verified_by"].clone()).collect();
+    assert_eq!(
+        verified_by,
+        [
+            serde_json::json!(["signature", "eks-auth"]),
+            serde_json::json!(["signature"]),
+            serde_json::json!(["signature"]),
+            serde_json::json!(["signature"]),
+            serde_json::json!([]),
+        ],
+        "{records:?}"
     );
     agent.stop().unwrap();
 }

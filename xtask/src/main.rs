@@ -1,5 +1,6 @@
 //! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check | fuzz`.
 
+mod bench;
 mod deploy;
 mod fuzz;
 mod image;
@@ -37,7 +38,7 @@ enum Command {
         args: Vec<String>,
     },
     /// Setup, build in release mode, and load the agent with wrk, scenarios side by side (needs
-    /// root). Writes the table to BENCHMARKS.md.
+    /// root); time a new token's signature check (criterion). Writes BENCHMARKS.md.
     Bench {
         /// Seconds per scenario.
         #[arg(long, default_value_t = 10)]
@@ -73,7 +74,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test { args } => test(&args),
         Command::Demo { args } => demo(&args),
-        Command::Bench { seconds } => bench(seconds),
+        Command::Bench { seconds } => bench::run(seconds),
         Command::Image => image::run(),
         Command::DeployCheck { bless } => deploy::check(bless),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
@@ -126,36 +127,5 @@ fn demo(args: &[String]) -> Result<()> {
         .current_dir(util::workspace_root())
         .status()
         .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", demo.display()))?;
-    std::process::exit(util::exit_code(status));
-}
-
-fn bench(seconds: u64) -> Result<()> {
-    util::require_root("the bench creates network namespaces, links and cgroups")?;
-    setup::run()?;
-    util::cargo(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "eks-pod-identity-agent",
-            "-p",
-            "e2e",
-        ],
-        &[],
-    )?;
-    // The image's static binary too: the footprint is measured for both.
-    let image_agent = image::static_agent()?;
-    let release = util::target_dir().join("release");
-    let agent = release.join("eks-pod-identity-agent");
-    let out = util::workspace_root().join("BENCHMARKS.md");
-    let status = std::process::Command::new(release.join("bench"))
-        .arg("--out")
-        .arg(&out)
-        .env("EKS_POD_IDENTITY_AGENT_BIN", &agent)
-        .env("EKS_POD_IDENTITY_AGENT_IMAGE_BIN", &image_agent)
-        .env("BENCH_SECONDS", seconds.to_string())
-        .current_dir(util::workspace_root())
-        .status()
-        .map_err(|e| anyhow::anyhow!("cannot run the bench: {e}"))?;
     std::process::exit(util::exit_code(status));
 }

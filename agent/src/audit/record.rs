@@ -13,6 +13,7 @@ use crate::cgroup::CgroupInfo;
 use crate::credentials::Issued;
 use crate::credentials::cache::Lookup;
 use crate::ebpf;
+use crate::proof::Proof;
 use crate::token::Claims;
 
 /// One credential request as the request path hands it over: shared references and plain
@@ -37,6 +38,8 @@ pub struct AuditEvent {
     pub claims: Option<Arc<Claims>>,
     /// `match`, `mismatch`, `unattributed` or `off`.
     pub binding: &'static str,
+    /// What vouched for the caller's identity.
+    pub proof: Proof,
     /// The credentials served: only for allowed requests.
     pub issued: Option<Arc<Issued>>,
 }
@@ -56,6 +59,7 @@ impl AuditEvent {
             cgroup: None,
             claims: None,
             binding: "off",
+            proof: Proof::empty(),
             issued: None,
         }
     }
@@ -92,6 +96,7 @@ impl AuditEvent {
                 jti: c.jti.clone(),
             }),
             binding: self.binding,
+            verified_by: self.proof,
             role_arn: association.and_then(|a| non_empty(&a.role_arn)),
             association_id: association.and_then(|a| non_empty(&a.association_id)),
             credentials: match (&self.issued, self.lookup) {
@@ -131,6 +136,10 @@ pub struct AuditRecord {
     pub token: Option<TokenRecord>,
     /// `match`, `mismatch`, `unattributed` or `off`.
     pub binding: &'static str,
+    /// What vouched for the caller's identity, a list of `kernel` (the caller is the pod the
+    /// token names), `signature` (the token verifies with the cluster's keys) and `eks-auth`
+    /// (EKS Auth accepted the token); `[]` when nothing did, and `token` is only what was claimed.
+    pub verified_by: Proof,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role_arn: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,7 +190,7 @@ pub struct CallerRecord {
     pub comm: Option<String>,
 }
 
-/// The token's claims as presented (unverified).
+/// The token's claims as presented: verified only as `verified_by` says.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct TokenRecord {
     pub namespace: Option<String>,

@@ -25,8 +25,9 @@ use crate::credentials::cache::{CredentialCache, FetchError, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::{self, EventRecorder};
 use crate::metrics::{Metrics, NamespaceLabels};
+use crate::proof::Proof;
 use crate::token::{Claims, TokenError};
-use crate::validation::Validator;
+use crate::validation::{Validator, Verification};
 use error::RefusalLog;
 pub use error::RequestError;
 
@@ -43,6 +44,8 @@ struct Exchange {
     lookup: Option<Lookup>,
     binding: Option<Binding>,
     issued: Option<Arc<Issued>>,
+    /// What vouched for the caller's identity.
+    proof: Proof,
 }
 
 /// The credential endpoint and everything it consults.
@@ -211,12 +214,17 @@ impl<R: Retriever> Endpoint<R> {
             })?;
         // A new token's signature, before its claims decide anything (binding, the queue). A
         // cached token was verified when it was first seen, by this or by EKS Auth.
-        if cached.is_none() {
-            self.validator.verify(token, &claims).await?;
+        if cached.is_none()
+            && self.validator.verify(token, &claims).await? == Verification::Signature
+        {
+            ex.proof |= Proof::SIGNATURE;
         }
 
         let binding = self.attribution.bind(&claims, caller);
         let refusal = self.attribution.refusal(&binding);
+        if binding == Binding::Match {
+            ex.proof |= Proof::KERNEL;
+        }
         ex.binding = Some(binding.clone());
         if let Some(reason) = refusal {
             return Err(RequestError::Binding(reason));
@@ -224,17 +232,11 @@ impl<R: Retriever> Endpoint<R> {
 
         let served = match cached {
             Some(served) => served,
-            None => match self.cache.fetch(token, claims.clone(), share(caller)).await {
-                Ok(served) => served,
-                Err(e) => match self
-                    .rotation_fallback(token, &e, &claims, caller, &binding)
-                    .await
-                {
-                    Some(served) => served,
-                    None => return Err(e.into()),
-                },
-            },
+            None => self.fetch(token, &claims, caller, ex).await?,
         };
+        // What verified the token the credentials were issued with: EKS Auth when it answered
+        // this request or cached its answer, a signature when the entry was adopted.
+        ex.proof |= served.entry.as_ref().map_or(Proof::EKS_AUTH, |e| e.proof());
         if let (Some(entry), Some(process)) = (&served.entry, &caller.process) {
             entry.set_owner_cgroup(process.cgroup_id);
         }
@@ -245,6 +247,32 @@ impl<R: Retriever> Endpoint<R> {
         ex.lookup = Some(served.lookup);
         ex.issued = Some(served.issued.clone());
         Ok(served.issued.body.clone())
+    }
+
+    /// A token not cached: a rotated token of a cached pod, verified by its signature, is served
+    /// the pod's cached credentials with no call; any other gets an upstream call (shared), and
+    /// during an EKS Auth failure a rotated token the kernel vouches for is served as above.
+    async fn fetch(
+        &self,
+        token: &str,
+        claims: &Arc<Claims>,
+        caller: &Caller,
+        ex: &Exchange,
+    ) -> Result<Served, RequestError> {
+        if ex.proof.contains(Proof::SIGNATURE)
+            && let Some(served) = self.cache.adopt_rotated(token, claims.clone()).await
+        {
+            return Ok(served);
+        }
+        match self.cache.fetch(token, claims.clone(), share(caller)).await {
+            Ok(served) => Ok(served),
+            Err(e) => {
+                let binding = ex.binding.as_ref().unwrap_or(&Binding::Off);
+                self.rotation_fallback(token, &e, claims, caller, binding)
+                    .await
+                    .ok_or_else(|| e.into())
+            }
+        }
     }
 
     /// Token rotation during an EKS Auth outage: when the kernel shows the caller is the pod the
@@ -294,6 +322,7 @@ impl<R: Retriever> Endpoint<R> {
             cgroup: caller.cgroup.clone(),
             claims: ex.claims,
             binding: ex.binding.as_ref().map_or("off", Binding::as_str),
+            proof: ex.proof,
             issued: ex.issued,
             ..AuditEvent::new(self.clock.now(), caller.peer, outcome, status)
         }

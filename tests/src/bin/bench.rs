@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in};
+use e2e::cluster_keys::ClusterKey;
+use e2e::fake_kube_api;
 use e2e::node::{Pod, PodSpec, SimNode};
 
 const CLUSTER: &str = "bench-cluster";
@@ -48,6 +50,9 @@ struct Scenario {
     ebpf: bool,
     /// `Connection: close` on every request: one connection (and one attribution) per request.
     new_connection_per_request: bool,
+    /// `--token-validation on`, with the cluster's keys from a Kubernetes API stand-in: new
+    /// tokens' signatures are checked (every request's, without a cache).
+    validation: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -58,6 +63,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: true,
         new_connection_per_request: false,
+        validation: false,
     },
     Scenario {
         name: "cache hit, keep-alive, eBPF attribution off",
@@ -66,6 +72,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: false,
         new_connection_per_request: false,
+        validation: false,
     },
     Scenario {
         name: "cache hit, new connection per request, eBPF on",
@@ -74,6 +81,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: true,
         new_connection_per_request: true,
+        validation: false,
     },
     Scenario {
         name: "cache hit, new connection per request, eBPF off",
@@ -82,6 +90,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: false,
         new_connection_per_request: true,
+        validation: false,
     },
     Scenario {
         name: "no cache (--max-cache-size 0): EKS Auth every time, paced",
@@ -90,6 +99,25 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: true,
         new_connection_per_request: false,
+        validation: false,
+    },
+    Scenario {
+        name: "cache hit, keep-alive, eBPF on, token validation on",
+        server: Server::Agent,
+        agent: &[],
+        audit: false,
+        ebpf: true,
+        new_connection_per_request: false,
+        validation: true,
+    },
+    Scenario {
+        name: "no cache, token validation on: a signature check and EKS Auth every time, paced",
+        server: Server::Agent,
+        agent: &["--max-cache-size", "0"],
+        audit: false,
+        ebpf: true,
+        new_connection_per_request: false,
+        validation: true,
     },
     Scenario {
         name: "cache hit, keep-alive, eBPF on, audit log on",
@@ -100,6 +128,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: true,
         ebpf: true,
         new_connection_per_request: false,
+        validation: false,
     },
     Scenario {
         name: "nginx, same body, keep-alive",
@@ -108,6 +137,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: false,
         new_connection_per_request: false,
+        validation: false,
     },
     Scenario {
         name: "nginx, same body, new connection per request",
@@ -116,6 +146,7 @@ const SCENARIOS: &[Scenario] = &[
         audit: false,
         ebpf: false,
         new_connection_per_request: true,
+        validation: false,
     },
 ];
 
@@ -175,6 +206,14 @@ fn run() -> Result<()> {
     which("wrk")?;
     let node = SimNode::new()?;
     let fake = start_fake_eks_auth_in(node.netns(), CLUSTER)?;
+    // Every row's token is signed with the cluster's key (RS256), which the EKS Auth stand-in
+    // verifies, and which a Kubernetes API stand-in publishes for the rows that validate.
+    let cluster_key = ClusterKey::fixture("rsa-1")?;
+    fake.use_cluster_key(cluster_key.clone());
+    let kube_api = fake_kube_api::start_in(node.netns())?;
+    kube_api.set_jwks(Some(vec![cluster_key.jwk.clone()]));
+    let kubeconfig = node.dir().join("bench-kubeconfig");
+    kube_api.write_kubeconfig(&kubeconfig)?;
     let pod = node.add_pod(PodSpec::new("load-0", "bench", "loader"))?;
     fake.associate("bench", "loader", "loader-role");
     let token = fake.issue_token(&pod.token_spec())?;
@@ -218,6 +257,13 @@ fn run() -> Result<()> {
                 if scenario.audit {
                     args = args.audit_log(&audit_path);
                 }
+                if scenario.validation {
+                    args.env
+                        .push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+                    args = args
+                        .args(["--token-validation", "on", "--state-dir"])
+                        .args([node.dir().join("bench-state").display().to_string()]);
+                }
                 Some(AgentProcess::start(
                     &node,
                     &fake,
@@ -235,6 +281,12 @@ fn run() -> Result<()> {
             let dropped = agent
                 .metric("pod_identity_audit_dropped_total")
                 .unwrap_or(0.0);
+            if scenario.validation {
+                let verified = agent
+                    .metric("pod_identity_local_validation{result=\"success\"}")
+                    .unwrap_or(0.0);
+                eprintln!("   signatures verified: {verified}");
+            }
             agent.stop()?;
             if scenario.audit {
                 let written = audit_lines(&audit_path)?;

@@ -2,26 +2,28 @@
 //! verified it, and the handle of its renewal task; and whose credentials it holds
 //! ([`Identity`]), so that a rotated token's newer entry supersedes the older one.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use super::{Identities, lock};
 use crate::credentials::Issued;
+use crate::proof::Proof;
 use crate::token::Claims;
 
 /// A cached token and its current credentials.
 pub struct Entry {
     pub(super) token: Arc<str>,
-    /// The token's claims, read once when it was first seen. Once EKS Auth accepted the token
-    /// (an entry fetched or renewed with it), they are as good as verified.
+    /// The token's claims, read once when it was first seen. Once the token is verified (EKS Auth
+    /// accepted it, or its signature checked out), they are as good as verified.
     pub claims: Arc<Claims>,
     pub(super) issued: ArcSwap<Issued>,
     /// The cgroup of the last caller the kernel attributed (0: none), for the owner predicate.
     pub(super) owner_cgroup: AtomicU64,
-    /// EKS Auth accepted this entry's own token (false for a rotation alias until it renews).
-    pub(super) verified: AtomicBool,
+    /// What verified this entry's own token ([`Proof`]'s bits: a signature, EKS Auth); none for a
+    /// rotation alias served during an outage, until it renews.
+    pub(super) proof: AtomicU8,
     /// Removed from the cache (evicted, invalidated or replaced): never renewed again.
     pub(super) retired: AtomicBool,
     /// A newer verified entry of the same pod, namespace and service account exists.
@@ -34,14 +36,14 @@ impl Entry {
         token: Arc<str>,
         claims: Arc<Claims>,
         issued: Arc<Issued>,
-        verified: bool,
+        proof: Proof,
     ) -> Self {
         Entry {
             token,
             claims,
             issued: ArcSwap::new(issued),
             owner_cgroup: AtomicU64::new(0),
-            verified: AtomicBool::new(verified),
+            proof: AtomicU8::new(proof.bits()),
             retired: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
             renewal: Mutex::new(None),
@@ -64,9 +66,20 @@ impl Entry {
         }
     }
 
-    /// Whether EKS Auth accepted this entry's own token (a rotation alias is not, until it renews).
+    /// Whether this entry's own token is verified, by its signature or by EKS Auth (a rotation
+    /// alias served during an outage is not, until it renews).
     pub fn is_verified(&self) -> bool {
-        self.verified.load(Ordering::Relaxed)
+        self.proof().token_verified()
+    }
+
+    /// What verified this entry's own token.
+    pub fn proof(&self) -> Proof {
+        Proof::from_bits_truncate(self.proof.load(Ordering::Relaxed))
+    }
+
+    /// Records that `proof` vouches for this entry's token too.
+    pub(super) fn prove(&self, proof: Proof) {
+        self.proof.fetch_or(proof.bits(), Ordering::Relaxed);
     }
 
     /// Whether a newer verified entry of the same pod has taken over its renewals.
@@ -104,8 +117,8 @@ impl Drop for Entry {
 pub type KeepPredicate = Arc<dyn Fn(&Entry) -> bool + Send + Sync>;
 
 /// Whose credentials an entry holds: the pod its token names, and the namespace and service
-/// account. Read from a verified entry's claims (EKS Auth accepted the token, so they are
-/// genuine), shared rather than copied; compared and hashed by those three names.
+/// account. Read from a verified entry's claims (EKS Auth accepted the token, or it verifies with
+/// the cluster's keys, so they are genuine), shared rather than copied; compared and hashed by those three names.
 #[derive(Debug, Clone)]
 pub(super) struct Identity(Arc<Claims>);
 

@@ -2,7 +2,6 @@
 //! jitter), the renewal loop that sleeps on weak references until then, `--max-service-qps` and
 //! the admission path's renewal queue, and the backoff after transient failures.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use rand::Rng as _;
 use super::{Entry, Inner, Kind};
 use crate::credentials::admission::Class;
 use crate::credentials::{ErrorClass, Issued, Retriever};
+use crate::proof::Proof;
 
 impl<R: Retriever> Inner<R> {
     /// When fresh credentials are due for renewal: the earlier of the retention limit and
@@ -112,7 +112,7 @@ pub(super) async fn renew_once<R: Retriever>(
         Ok(issued) => {
             let delay = inner.renewal_delay(&issued);
             entry.issued.store(Arc::new(issued));
-            entry.verified.store(true, Ordering::Relaxed);
+            entry.prove(Proof::EKS_AUTH);
             inner.states.refresh.inc();
             inner.register(entry);
             *failures = 0;

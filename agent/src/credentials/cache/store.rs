@@ -1,6 +1,6 @@
 //! Storing verified entries: the cache's map, the identity index (the newest verified entry of
-//! each pod, namespace and service account), exact removal, and the rotation alias served while
-//! EKS Auth fails for a pod's new token.
+//! each pod, namespace and service account), exact removal, and the aliases a pod's rotated token
+//! is served from: adopted at once when its signature verifies, or while EKS Auth fails for it.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -10,9 +10,20 @@ use moka::ops::compute::{CompResult, Op};
 use super::entry::Identity;
 use super::{CredentialCache, Entry, Inner, Lookup, Served, lock};
 use crate::credentials::{Issued, Retriever};
+use crate::proof::Proof;
 use crate::token::Claims;
 
 impl<R: Retriever> Inner<R> {
+    /// A request served from `entry`.
+    fn hit(&self, entry: Arc<Entry>) -> Served {
+        self.states.hit.inc();
+        Served {
+            issued: entry.issued(),
+            lookup: Lookup::Hit,
+            entry: Some(entry),
+        }
+    }
+
     /// Stores a verified entry for `token` and starts its renewals.
     pub(super) async fn store(
         self: &Arc<Self>,
@@ -20,7 +31,12 @@ impl<R: Retriever> Inner<R> {
         claims: Arc<Claims>,
         issued: Issued,
     ) -> Arc<Entry> {
-        let entry = Arc::new(Entry::new(token.clone(), claims, Arc::new(issued), true));
+        let entry = Arc::new(Entry::new(
+            token.clone(),
+            claims,
+            Arc::new(issued),
+            Proof::EKS_AUTH,
+        ));
         if let Some(entries) = &self.entries {
             let put = entry.clone();
             let stored = entries
@@ -86,6 +102,26 @@ impl<R: Retriever> Inner<R> {
 }
 
 impl<R: Retriever> CredentialCache<R> {
+    /// A rotated token whose signature verified (`claims` are genuine): the newest verified entry
+    /// of the pod, namespace and service account they name, if its credentials are usable, stored
+    /// under the new token with no call to EKS Auth. The new entry is verified (by signature),
+    /// supersedes the older one, and is renewed with the new token when its credentials are due,
+    /// as any entry.
+    pub async fn adopt_rotated(&self, token: &str, claims: Arc<Claims>) -> Option<Served> {
+        let (entry, fresh) = self.alias(token, claims, Proof::SIGNATURE).await?;
+        if fresh {
+            let inner = &self.inner;
+            inner.register(&entry);
+            inner.schedule_renewal(&entry, inner.renewal_delay(&entry.issued()));
+            tracing::debug!(
+                namespace = entry.claims.namespace(),
+                service_account = entry.claims.service_account(),
+                "a rotated token of a cached pod verified: served from the cache"
+            );
+        }
+        Some(self.inner.hit(entry))
+    }
+
     /// Token rotation during an EKS Auth failure: the newest verified entry of the pod, namespace
     /// and service account that `claims` name (`pod_uid` is the caller's pod, from the kernel),
     /// if its credentials are usable. It is stored under the new token too — an alias, renewed
@@ -97,41 +133,52 @@ impl<R: Retriever> CredentialCache<R> {
         claims: Arc<Claims>,
         pod_uid: &str,
     ) -> Option<Served> {
-        let inner = &self.inner;
-        let entries = inner.entries.as_ref()?;
         // The pod the kernel saw must be the one the token names.
         if claims.pod_uid() != Some(pod_uid) {
             return None;
         }
+        // Not verified: it does not supersede anything until its own token renews it.
+        let (entry, fresh) = self.alias(token, claims, Proof::empty()).await?;
+        if fresh {
+            let inner = &self.inner;
+            inner.schedule_renewal(&entry, inner.backoff(0));
+            tracing::warn!(
+                pod_uid,
+                namespace = entry.claims.namespace(),
+                service_account = entry.claims.service_account(),
+                "EKS Auth failed for a rotated token; serving the pod's cached credentials"
+            );
+        }
+        Some(self.inner.hit(entry))
+    }
+
+    /// The entry for `token` holding the credentials of the newest verified entry of the identity
+    /// `claims` name (usable ones only), made with `proof` unless one is cached under `token`
+    /// already; and whether it was made now.
+    async fn alias(
+        &self,
+        token: &str,
+        claims: Arc<Claims>,
+        proof: Proof,
+    ) -> Option<(Arc<Entry>, bool)> {
+        let inner = &self.inner;
+        let entries = inner.entries.as_ref()?;
         let identity = Identity::of_claims(&claims)?;
         let verified = lock(&inner.identities).get(&identity)?.upgrade()?;
         let issued = verified.issued();
         if verified.retired.load(Ordering::Relaxed) || !inner.usable(&issued) {
             return None;
         }
-        // Not verified: it does not supersede anything until its own token renews it.
-        let alias = Arc::new(Entry::new(Arc::from(token), claims, issued, false));
+        let alias = Arc::new(Entry::new(Arc::from(token), claims, issued, proof));
         let stored = entries
             .entry(alias.token.clone())
             .or_insert_with(std::future::ready(alias.clone()))
             .await;
-        if stored.is_fresh() {
+        let fresh = stored.is_fresh();
+        if fresh {
             inner.metrics.cache_entries.inc();
-            inner.schedule_renewal(&alias, inner.backoff(0));
-            tracing::warn!(
-                pod_uid,
-                namespace = alias.claims.namespace(),
-                service_account = alias.claims.service_account(),
-                "EKS Auth failed for a rotated token; serving the pod's cached credentials"
-            );
         }
-        let entry = stored.into_value();
-        inner.states.hit.inc();
-        Some(Served {
-            issued: entry.issued(),
-            lookup: Lookup::Hit,
-            entry: Some(entry),
-        })
+        Some((stored.into_value(), fresh))
     }
 
     /// A verified entry with usable credentials that `matches`. Walks the cache (without

@@ -8,6 +8,7 @@ use super::call::give_up_at;
 use super::*;
 use crate::credentials::admission::Share;
 use crate::credentials::{Association, Credentials};
+use crate::proof::Proof;
 use crate::token::Claims;
 
 /// EKS Auth's throttling: a token bucket.
@@ -520,8 +521,9 @@ async fn an_evicted_entry_is_never_renewed() {
     drop(evicted);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_their_service() {
+/// The start of the rotation tests: a cache (no renewal jitter) holding the credentials of pod
+/// `p1`'s service account `cart` for token `old`, issued ten minutes before `now`.
+async fn pod_with_an_old_token() -> (Arc<Upstream>, CredentialCache<Arc<Upstream>>, i64, Served) {
     let clock = Clock::tokio(SystemTime::now());
     let up = Upstream::new(clock, Duration::from_secs(3600));
     let mut cfg = config(10);
@@ -531,6 +533,12 @@ async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_the
     let old = get(&cache, "old", || pod_token("p1", "cart", now - 600))
         .await
         .unwrap();
+    (up, cache, now, old)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_their_service() {
+    let (up, cache, now, old) = pod_with_an_old_token().await;
     let new = get(&cache, "new", || pod_token("p1", "cart", now))
         .await
         .unwrap();
@@ -560,15 +568,7 @@ async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_the
 
 #[tokio::test(start_paused = true)]
 async fn the_rotation_fallback_stores_an_alias_that_verifies_itself_once_eks_auth_answers() {
-    let clock = Clock::tokio(SystemTime::now());
-    let up = Upstream::new(clock, Duration::from_secs(3600));
-    let mut cfg = config(10);
-    cfg.renewal_jitter = Duration::ZERO;
-    let cache = cache(&up, cfg, None);
-    let now = clock.unix_now();
-    let old = get(&cache, "old", || pod_token("p1", "cart", now - 600))
-        .await
-        .unwrap();
+    let (up, cache, now, old) = pod_with_an_old_token().await;
     // EKS Auth fails for the rotated token.
     up.fail_next("ServiceUnavailableException", 503);
     let rotated = pod_token("p1", "cart", now);
@@ -611,6 +611,38 @@ async fn the_rotation_fallback_stores_an_alias_that_verifies_itself_once_eks_aut
     assert!(old.entry.as_ref().unwrap().is_superseded());
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
     assert_eq!(up.calls_for("old"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotated_token_verified_by_signature_is_adopted_with_no_call_and_renewed_with_itself() {
+    let (up, cache, now, old) = pod_with_an_old_token().await;
+    // Nothing cached for another pod or another service account of the pod.
+    for (token, claims) in [
+        ("x", pod_token("p2", "cart", now)),
+        ("y", pod_token("p1", "admin", now)),
+    ] {
+        assert!(cache.adopt_rotated(token, claims).await.is_none());
+    }
+    let served = cache
+        .adopt_rotated("new", pod_token("p1", "cart", now))
+        .await
+        .unwrap();
+    assert_eq!(up.calls(), 1, "no call for the rotated token");
+    assert_eq!(served.lookup, Lookup::Hit);
+    assert_eq!(
+        served.issued.credentials.access_key_id,
+        old.issued.credentials.access_key_id
+    );
+    let adopted = served.entry.unwrap();
+    assert_eq!(adopted.proof(), Proof::SIGNATURE);
+    assert!(adopted.is_verified());
+    assert!(old.entry.as_ref().unwrap().is_superseded());
+    assert_eq!(key_id(&cache, "new").await, ("ASIA1".into(), Lookup::Hit));
+    // When due (the 30 min retention), the new token renews, not the old one.
+    tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+    assert_eq!((up.calls_for("old"), up.calls_for("new")), (1, 1));
+    assert_ne!(key_id(&cache, "new").await.0, "ASIA1");
+    assert_eq!(adopted.proof(), Proof::SIGNATURE | Proof::EKS_AUTH);
 }
 
 #[tokio::test(start_paused = true)]
