@@ -71,11 +71,17 @@ fn a_pod_flooding_forged_tokens_takes_no_other_pods_credentials() {
     }
     let (node, fake, [cached, neighbour, attacker]) =
         node_with_web_pods("e2e-flood", ["cached", "neighbour", "attacker"]).unwrap();
-    // Renewed every 15–20 s: during the flood.
+    // Renewed every 15–20 s: during the flood. No local validation (as without the cluster's
+    // keys): every forgery is a cold fetch, and the admission path alone must hold.
     let agent = AgentProcess::start(
         &node,
         &fake,
-        AgentArgs::default().args(["--max-credential-retention-before-renewal", "20s"]),
+        AgentArgs::default().args([
+            "--max-credential-retention-before-renewal",
+            "20s",
+            "--token-validation",
+            "off",
+        ]),
     )
     .unwrap();
     fake.set_delay(Duration::from_millis(50));

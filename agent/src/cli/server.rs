@@ -150,8 +150,9 @@ pub struct ServerArgs {
     pub pod_events: bool,
     /// Check new tokens' signatures with the cluster's signing keys (the API server's
     /// /openid/v1/jwks, Kubernetes 1.34+), so that a forged token is refused without a call to EKS
-    /// Auth: auto (whenever the keys are at hand; otherwise EKS Auth alone checks, as with off),
-    /// on (always; a token that cannot be checked is refused), off.
+    /// Auth, and a pod's rotated token is served its cached credentials without one: auto
+    /// (whenever the keys are at hand; otherwise EKS Auth alone checks, as with off), on (always;
+    /// a token that cannot be checked is refused), off.
     #[arg(long, value_enum, default_value_t = ValidationArg::Auto)]
     pub token_validation: ValidationArg,
     /// The audience a token must carry (another one only for a delegate behind --endpoint).
