@@ -8,8 +8,9 @@
 //! - [`outcome`]: what a check found, why a token was refused, and the counters of both.
 //!
 //! This module owns the policy: when keys are fetched (at start, and again when a token names a
-//! key the agent does not know, at most once per [`RefreshPolicy::min_interval`], every waiting
-//! request sharing one fetch and waiting for it at most [`RefreshPolicy::wait`]), and what a
+//! key the agent does not know, at most once per [`RefreshPolicy::min_interval`], doubling after
+//! each failed fetch up to [`RefreshPolicy::max_interval`], every waiting request sharing one
+//! fetch and waiting for it at most [`RefreshPolicy::wait`]), and what a
 //! missing key means in each [`Mode`]. `auto` never makes the agent less available than without
 //! validation: with no keys, or keys it cannot refresh while the API server is away, a token it
 //! cannot check goes to EKS Auth as before.
@@ -63,6 +64,9 @@ pub struct ValidationConfig {
 pub struct RefreshPolicy {
     /// At most one fetch this often, however many unknown keys are presented.
     pub min_interval: Duration,
+    /// After failed fetches in a row, the interval doubles up to this (an API server older than
+    /// 1.34, or away for long, is asked this rarely; one success resets it).
+    pub max_interval: Duration,
     /// The longest a request waits for a fetch (it goes on after that, for later requests).
     pub wait: Duration,
     /// The longest one fetch may take.
@@ -73,6 +77,7 @@ impl Default for RefreshPolicy {
     fn default() -> Self {
         RefreshPolicy {
             min_interval: Duration::from_secs(10),
+            max_interval: Duration::from_secs(600),
             wait: Duration::from_secs(1),
             fetch_timeout: Duration::from_secs(10),
         }
@@ -92,6 +97,8 @@ type Fetch = Shared<BoxFuture<'static, ()>>;
 #[derive(Default)]
 struct RefreshState {
     last_attempt: Option<Instant>,
+    /// Fetches failed in a row since the last success.
+    failures: u32,
     /// Whether the last fetch brought the key set now in use from the API server.
     fresh: bool,
     /// The fetch under way, and its task (done when the task is, even if nobody polled the
@@ -295,10 +302,12 @@ impl Validator {
         {
             return Some(fetch.clone());
         }
-        if state
-            .last_attempt
-            .is_some_and(|at| at.elapsed() < self.policy.min_interval)
-        {
+        let interval = self
+            .policy
+            .min_interval
+            .saturating_mul(1 << state.failures.min(16))
+            .min(self.policy.max_interval.max(self.policy.min_interval));
+        if state.last_attempt.is_some_and(|at| at.elapsed() < interval) {
             return None;
         }
         state.last_attempt = Some(Instant::now());
@@ -326,12 +335,22 @@ impl Validator {
         let (json, set) = match fetched {
             Ok(fetched) => fetched,
             Err(error) => {
-                // At most once per `min_interval`: fetches are that rare.
-                tracing::warn!(%error, "token validation: fetching the cluster's signing keys failed");
+                let failures = {
+                    let mut state = self.state();
+                    state.fresh = false;
+                    state.failures = state.failures.saturating_add(1);
+                    state.failures
+                };
+                // Once per streak of failures (each one is counted, and retried ever more rarely).
+                if failures == 1 {
+                    tracing::warn!(%error, retry_in = ?self.policy.min_interval.saturating_mul(2),
+                        "token validation: fetching the cluster's signing keys failed; retrying with backoff");
+                } else {
+                    tracing::debug!(%error, failures, "token validation: fetching the cluster's signing keys failed again");
+                }
                 if let Some(c) = &self.counters {
                     c.fetch_failed.inc();
                 }
-                self.state().fresh = false;
                 return;
             }
         };
@@ -344,7 +363,11 @@ impl Validator {
             c.fetched.inc();
         }
         self.install(set);
-        self.state().fresh = true;
+        {
+            let mut state = self.state();
+            state.fresh = true;
+            state.failures = 0;
+        }
         if let Some(store) = self.store.clone() {
             match tokio::task::spawn_blocking(move || store.save(&json)).await {
                 Ok(Ok(())) => {}

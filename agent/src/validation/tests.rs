@@ -383,3 +383,41 @@ async fn a_fetch_nobody_waited_for_does_not_hold_up_later_ones() {
     );
     assert_eq!(source.fetches(), 2);
 }
+
+/// An API server that cannot give keys (older than 1.34, or away) is asked ever more rarely: 10 s
+/// doubling after each failure, up to 10 min; a success resets the pace.
+#[tokio::test(start_paused = true)]
+async fn failed_fetches_back_off_to_ten_minutes_and_a_success_resets_them() {
+    let source = Source::default();
+    source.fail();
+    let (auto, metrics) = validator(Mode::Auto, &source);
+    let token = rs256(RSA_1, RSA_1_JWK);
+    let mut fetched_at = Vec::new();
+    for second in 0..1800 {
+        let before = source.fetches();
+        assert_eq!(
+            auto.verify(&token, &claims_of(&token)).await,
+            Ok(Verification::Unchecked)
+        );
+        if source.fetches() > before {
+            fetched_at.push(second);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(fetched_at, [0, 20, 60, 140, 300, 620, 1220]);
+    let failed = metrics.signing_key_fetches.with_label_values(&["error"]);
+    assert_eq!(failed.get(), 7);
+
+    // The API server answers again: at the next attempt the keys come, and the pace is reset.
+    source.serve(&[RSA_1_JWK]);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        auto.verify(&token, &claims_of(&token)).await,
+        Ok(Verification::Signature)
+    );
+    let fetches = source.fetches();
+    let unknown = rs256(RSA_2, RSA_2_JWK);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let _ = auto.verify(&unknown, &claims_of(&unknown)).await;
+    assert_eq!(source.fetches(), fetches + 1, "10 s after a success");
+}
