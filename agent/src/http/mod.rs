@@ -21,7 +21,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
 use crate::config::RateLimit;
 use crate::credentials::admission::Share;
-use crate::credentials::cache::{CredentialCache, FetchError, Lookup, Served};
+use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::{self, EventRecorder};
 use crate::metrics::{Metrics, NamespaceLabels};
@@ -249,9 +249,9 @@ impl<R: Retriever> Endpoint<R> {
         Ok(served.issued.body.clone())
     }
 
-    /// A token not cached: a rotated token of a cached pod, verified by its signature, is served
-    /// the pod's cached credentials with no call; any other gets an upstream call (shared), and
-    /// during an EKS Auth failure a rotated token the kernel vouches for is served as above.
+    /// A token not cached: a rotated token of a cached pod, when its signature verifies or the
+    /// kernel saw the connection come from the pod it names, is served the pod's cached
+    /// credentials with no call; any other gets an upstream call (shared).
     async fn fetch(
         &self,
         token: &str,
@@ -259,38 +259,21 @@ impl<R: Retriever> Endpoint<R> {
         caller: &Caller,
         ex: &Exchange,
     ) -> Result<Served, RequestError> {
-        if ex.proof.contains(Proof::SIGNATURE)
-            && let Some(served) = self.cache.adopt_rotated(token, claims.clone()).await
+        // The signature proves the claims; the kernel proves the caller is the pod they name.
+        let rotation = if ex.proof.contains(Proof::SIGNATURE) {
+            Some(Proof::SIGNATURE)
+        } else {
+            ex.proof.contains(Proof::KERNEL).then_some(Proof::empty())
+        };
+        if let Some(proof) = rotation
+            && let Some(served) = self.cache.adopt_rotated(token, claims.clone(), proof).await
         {
             return Ok(served);
         }
-        match self.cache.fetch(token, claims.clone(), share(caller)).await {
-            Ok(served) => Ok(served),
-            Err(e) => {
-                let binding = ex.binding.as_ref().unwrap_or(&Binding::Off);
-                self.rotation_fallback(token, &e, claims, caller, binding)
-                    .await
-                    .ok_or_else(|| e.into())
-            }
-        }
-    }
-
-    /// Token rotation during an EKS Auth outage: when the kernel shows the caller is the pod the
-    /// new token names, and a cached entry verified upstream belongs to that pod, namespace and
-    /// service account, serve it rather than fail (the cache keeps it under the new token too).
-    async fn rotation_fallback(
-        &self,
-        token: &str,
-        err: &FetchError,
-        claims: &Arc<Claims>,
-        caller: &Caller,
-        binding: &Binding,
-    ) -> Option<Served> {
-        if !err.is_transient() || *binding != Binding::Match {
-            return None;
-        }
-        let pod = caller.pod_uid()?;
-        self.cache.serve_rotated(token, claims.clone(), pod).await
+        Ok(self
+            .cache
+            .fetch(token, claims.clone(), share(caller))
+            .await?)
     }
 
     /// `Host` must name a bind host, with or without port and brackets.

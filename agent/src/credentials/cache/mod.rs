@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::admission::{Admission, AdmissionGauges, Share};
-use super::{ErrorClass, Issued, Retriever, UpstreamError};
+use super::{Issued, Retriever, UpstreamError};
 use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
@@ -74,14 +74,6 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Whether asking again later can succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            FetchError::Upstream(e) => e.class() == ErrorClass::Transient,
-            FetchError::Queued { .. } => true,
-        }
-    }
-
     /// The error code, for logs.
     pub fn code(&self) -> &str {
         match self {

@@ -102,51 +102,31 @@ impl<R: Retriever> Inner<R> {
 }
 
 impl<R: Retriever> CredentialCache<R> {
-    /// A rotated token whose signature verified (`claims` are genuine): the newest verified entry
-    /// of the pod, namespace and service account they name, if its credentials are usable, stored
-    /// under the new token with no call to EKS Auth. The new entry is verified (by signature),
-    /// supersedes the older one, and is renewed with the new token when its credentials are due,
-    /// as any entry.
-    pub async fn adopt_rotated(&self, token: &str, claims: Arc<Claims>) -> Option<Served> {
-        let (entry, fresh) = self.alias(token, claims, Proof::SIGNATURE).await?;
+    /// A rotated token of a cached pod: the newest verified entry of the pod, namespace and service
+    /// account that `claims` name, if its credentials are usable, stored under the new token with
+    /// no call to EKS Auth. The caller vouches for `claims`: `proof` is [`Proof::SIGNATURE`] when the
+    /// token verified with the cluster's keys (the new entry is verified, supersedes the older one,
+    /// and renews with the new token when due), or empty when only the kernel vouches (it saw the
+    /// connection come from the pod the token names): the new entry then renews with its token when
+    /// due, which EKS Auth verifies, and supersedes nothing until it has.
+    pub async fn adopt_rotated(
+        &self,
+        token: &str,
+        claims: Arc<Claims>,
+        proof: Proof,
+    ) -> Option<Served> {
+        let (entry, fresh) = self.alias(token, claims, proof).await?;
         if fresh {
             let inner = &self.inner;
-            inner.register(&entry);
+            if entry.is_verified() {
+                inner.register(&entry);
+            }
             inner.schedule_renewal(&entry, inner.renewal_delay(&entry.issued()));
             tracing::debug!(
                 namespace = entry.claims.namespace(),
                 service_account = entry.claims.service_account(),
-                "a rotated token of a cached pod verified: served from the cache"
-            );
-        }
-        Some(self.inner.hit(entry))
-    }
-
-    /// Token rotation during an EKS Auth failure: the newest verified entry of the pod, namespace
-    /// and service account that `claims` name (`pod_uid` is the caller's pod, from the kernel),
-    /// if its credentials are usable. It is stored under the new token too — an alias, renewed
-    /// (and so verified) with the new token once EKS Auth answers — so the pod's next requests
-    /// are hits. The caller decides when this applies.
-    pub async fn serve_rotated(
-        &self,
-        token: &str,
-        claims: Arc<Claims>,
-        pod_uid: &str,
-    ) -> Option<Served> {
-        // The pod the kernel saw must be the one the token names.
-        if claims.pod_uid() != Some(pod_uid) {
-            return None;
-        }
-        // Not verified: it does not supersede anything until its own token renews it.
-        let (entry, fresh) = self.alias(token, claims, Proof::empty()).await?;
-        if fresh {
-            let inner = &self.inner;
-            inner.schedule_renewal(&entry, inner.backoff(0));
-            tracing::warn!(
-                pod_uid,
-                namespace = entry.claims.namespace(),
-                service_account = entry.claims.service_account(),
-                "EKS Auth failed for a rotated token; serving the pod's cached credentials"
+                verified = entry.is_verified(),
+                "a rotated token of a cached pod: served from the cache"
             );
         }
         Some(self.inner.hit(entry))

@@ -567,50 +567,41 @@ async fn a_newer_verified_token_of_the_pod_stops_the_older_ones_renewals_not_the
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_rotation_fallback_stores_an_alias_that_verifies_itself_once_eks_auth_answers() {
+async fn a_rotated_token_the_kernel_vouches_for_is_adopted_unverified_and_verified_when_it_renews()
+{
     let (up, cache, now, old) = pod_with_an_old_token().await;
-    // EKS Auth fails for the rotated token.
-    up.fail_next("ServiceUnavailableException", 503);
-    let rotated = pod_token("p1", "cart", now);
-    let err = cache
-        .fetch("new", rotated.clone(), Share::Unplaced)
+    let served = cache
+        .adopt_rotated("new", pod_token("p1", "cart", now), Proof::empty())
         .await
-        .err()
         .unwrap();
-    assert!(err.is_transient());
-    // Not for another pod, nor another service account.
-    assert!(
-        cache
-            .serve_rotated("x", rotated.clone(), "p2")
-            .await
-            .is_none()
-    );
-    assert!(
-        cache
-            .serve_rotated("y", pod_token("p1", "admin", now), "p1")
-            .await
-            .is_none()
-    );
-    let served = cache.serve_rotated("new", rotated, "p1").await.unwrap();
+    assert_eq!(up.calls(), 1, "no call for the rotated token");
     assert_eq!(
         served.issued.credentials.access_key_id,
         old.issued.credentials.access_key_id
     );
-    // Later requests with the new token are hits: no upstream call while EKS Auth is down.
-    up.fail_next("ServiceUnavailableException", 503);
-    let calls = up.calls();
+    let alias = served.entry.unwrap();
+    assert!(!alias.is_verified());
+    let old = old.entry.unwrap();
+    assert!(
+        !old.is_superseded(),
+        "an unverified token supersedes nothing"
+    );
     assert_eq!(key_id(&cache, "new").await, ("ASIA1".into(), Lookup::Hit));
-    assert_eq!(up.calls(), calls);
-    // The alias renews with its own token: the first attempt (1 s) fails, the next (2 s later)
-    // succeeds; the new token is verified and the old entry stops renewing.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(up.calls_for("new"), 3);
-    let (id, lookup) = key_id(&cache, "new").await;
-    assert_eq!(lookup, Lookup::Hit);
-    assert_ne!(id, "ASIA1");
-    assert!(old.entry.as_ref().unwrap().is_superseded());
+    assert_eq!(up.calls(), 1);
+    // When due (the 30 min retention), the new token renews with EKS Auth: now verified, it
+    // supersedes the old token's entry, which renewed once too.
     tokio::time::sleep(Duration::from_secs(31 * 60)).await;
-    assert_eq!(up.calls_for("old"), 1);
+    assert_eq!(up.calls_for("new"), 1);
+    assert!(alias.is_verified());
+    assert_eq!(alias.proof(), Proof::EKS_AUTH);
+    assert!(old.is_superseded());
+    assert_ne!(key_id(&cache, "new").await.0, "ASIA1");
+    tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+    assert_eq!(
+        up.calls_for("old"),
+        2,
+        "no renewal of the old token once superseded"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -621,10 +612,15 @@ async fn a_rotated_token_verified_by_signature_is_adopted_with_no_call_and_renew
         ("x", pod_token("p2", "cart", now)),
         ("y", pod_token("p1", "admin", now)),
     ] {
-        assert!(cache.adopt_rotated(token, claims).await.is_none());
+        assert!(
+            cache
+                .adopt_rotated(token, claims, Proof::SIGNATURE)
+                .await
+                .is_none()
+        );
     }
     let served = cache
-        .adopt_rotated("new", pod_token("p1", "cart", now))
+        .adopt_rotated("new", pod_token("p1", "cart", now), Proof::SIGNATURE)
         .await
         .unwrap();
     assert_eq!(up.calls(), 1, "no call for the rotated token");
