@@ -72,7 +72,14 @@ fn sdks_get_exactly_the_credentials_the_fake_issued_over_v4_and_v6() {
         return;
     }
     let (node, fake, [pod]) = node_with_web_pods("e2e-exact", ["web-0"]).unwrap();
-    let agent = AgentProcess::start(&node, &fake, AgentArgs::default()).unwrap();
+    // Without binding, nothing vouches for a pod's new token but EKS Auth: each fresh token below
+    // is its own upstream call (with it, the kernel would vouch and the cache would answer).
+    let agent = AgentProcess::start(
+        &node,
+        &fake,
+        AgentArgs::default().args(["--token-binding", "off"]),
+    )
+    .unwrap();
 
     type Fetch = fn(&e2e::node::Pod, &str) -> anyhow::Result<e2e::clients::FetchOutcome>;
     let sdks: [(&str, Fetch); 2] = [
