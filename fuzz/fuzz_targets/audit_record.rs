@@ -11,6 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use pod_identity_agent::audit::{
     AuditRecord, CallerRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord, to_line,
 };
+use pod_identity_agent::proof::Proof;
 use serde_json::{Map, Value, json};
 
 fuzz_target!(|data: &[u8]| {
@@ -68,6 +69,17 @@ fn expected(r: &AuditRecord) -> Value {
         );
     }
     m.insert("binding".into(), json!(r.binding));
+    let proofs = [
+        (Proof::KERNEL, "kernel"),
+        (Proof::SIGNATURE, "signature"),
+        (Proof::EKS_AUTH, "eks-auth"),
+    ];
+    let verified_by: Vec<&str> = proofs
+        .iter()
+        .filter(|(p, _)| r.verified_by.contains(*p))
+        .map(|(_, name)| *name)
+        .collect();
+    m.insert("verified_by".into(), json!(verified_by));
     if let Some(arn) = &r.role_arn {
         m.insert("role_arn".into(), json!(arn));
     }
@@ -117,6 +129,7 @@ fn record(u: &mut Unstructured) -> Result<AuditRecord> {
             None
         },
         binding: *u.choose(&["match", "mismatch", "unattributed", "off"])?,
+        verified_by: Proof::from_bits_truncate(u.arbitrary()?),
         role_arn: u.arbitrary()?,
         association_id: u.arbitrary()?,
         credentials: if u.arbitrary()? {
