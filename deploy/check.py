@@ -262,7 +262,8 @@ FLAG_VALUES = [
 
 def check_token_validation(cases: dict[str, dict]) -> None:
     """Token validation's RBAC, token and state volume come with it, and go with `mode: off`."""
-    base = cases.get("cloud", {})
+    # Without the pod view, which needs the token too.
+    base = deep_merge(cases.get("cloud", {}), {"podView": {"mode": "off"}})
     for mode, validating in (("auto", True), ("on", True), ("off", False), (False, False)):
         objects = documents(as_text(render(deep_merge(base, {"tokenValidation": {"mode": mode}}))))
         ds = next(d for d in objects if d.get("kind") == "DaemonSet")
@@ -285,6 +286,28 @@ def check_token_validation(cases: dict[str, dict]) -> None:
         if validating and volumes["state"]["hostPath"]["path"] != "/var/lib/eks-pod-identity-agent":
             problems.append(f"state hostPath {volumes['state']['hostPath']}")
         report(f"tokenValidation.mode={mode}: RBAC, token and state volume", "; ".join(problems) or None)
+
+
+def check_pod_view(cases: dict[str, dict]) -> None:
+    """The pod view's RBAC (get, list and watch on pods) and token come with it, and go with `mode: off`."""
+    base = deep_merge(cases.get("cloud", {}), {"tokenValidation": {"mode": "off"}})
+    for mode, viewing in (("auto", True), ("on", True), ("off", False), (False, False)):
+        objects = documents(as_text(render(deep_merge(base, {"podView": {"mode": mode}}))))
+        pod = next(d for d in objects if d.get("kind") == "DaemonSet")["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        rules = [r for o in objects if o.get("kind") == "ClusterRole" for r in o.get("rules") or []]
+        pods = [r for r in rules if r.get("resources") == ["pods"]]
+        want = "off" if mode is False else mode
+        problems = []
+        if [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--pod-view"] != [want]:
+            problems.append(f"--pod-view not {want}: {args}")
+        if pod.get("automountServiceAccountToken") != viewing:
+            problems.append(f"automountServiceAccountToken {pod.get('automountServiceAccountToken')}")
+        if viewing and (len(pods) != 1 or pods[0]["verbs"] != ["get", "list", "watch"]):
+            problems.append(f"pods rules {pods}")
+        if not viewing and pods:
+            problems.append(f"pods rules without the view: {pods}")
+        report(f"podView.mode={mode}: RBAC on pods and token", "; ".join(problems) or None)
 
 
 def check_flag_values(cases: dict[str, dict]) -> None:
@@ -566,6 +589,7 @@ def main() -> int:
     check_metrics_port(cases)
     check_flag_values(cases)
     check_token_validation(cases)
+    check_pod_view(cases)
     check_schemas(rendered)
     check_original_compat()
     known = known_metrics()
