@@ -337,3 +337,21 @@ fn the_audit_record_names_the_callers_pod_and_container() {
     };
     assert!(json(unknown).get("pod").is_none(), "absent when unknown");
 }
+
+/// A watch that resumes quietly after a failure says nothing: the task calls `resumed` once no
+/// failure has come for a while, which counts only for a view that was listed.
+#[test]
+fn a_quiet_resumption_puts_a_listed_view_in_step_again() {
+    let (_view, mut r, metrics) = reflector(10);
+    r.failed();
+    assert!(!r.resumed(), "never listed");
+    assert_eq!(metrics.pod_view_synced.get(), 0);
+    r.apply(Event::Init);
+    r.apply(Event::InitDone);
+    r.failed();
+    assert_eq!(metrics.pod_view_synced.get(), 0);
+    assert!(r.resumed());
+    assert_eq!(metrics.pod_view_synced.get(), 1);
+    r.apply(Event::Init);
+    assert!(!r.resumed(), "a list under way");
+}
