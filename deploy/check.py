@@ -260,24 +260,35 @@ FLAG_VALUES = [
 ]
 
 
+def rendered_pod(values: dict) -> tuple[list[dict], dict, list[str]]:
+    """Every object of a render, its DaemonSet's pod spec, and the agent's arguments."""
+    objects = documents(as_text(render(values)))
+    pod = next(d for d in objects if d.get("kind") == "DaemonSet")["spec"]["template"]["spec"]
+    return objects, pod, pod["containers"][0]["args"]
+
+
+def mode_problems(pod: dict, args: list[str], flag: str, mode: object, on: bool) -> list[str]:
+    """A mode value (`False`: YAML's bare `off`) passed as its flag, and the token mounted when it is on."""
+    want = "off" if mode is False else mode
+    problems = []
+    if [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag] != [want]:
+        problems.append(f"{flag} not {want}: {args}")
+    if pod.get("automountServiceAccountToken") != on:
+        problems.append(f"automountServiceAccountToken {pod.get('automountServiceAccountToken')}")
+    return problems
+
+
 def check_token_validation(cases: dict[str, dict]) -> None:
     """Token validation's RBAC, token and state volume come with it, and go with `mode: off`."""
-    base = cases.get("cloud", {})
+    # Without the pod view, which needs the token too.
+    base = deep_merge(cases.get("cloud", {}), {"podView": {"mode": "off"}})
     for mode, validating in (("auto", True), ("on", True), ("off", False), (False, False)):
-        objects = documents(as_text(render(deep_merge(base, {"tokenValidation": {"mode": mode}}))))
-        ds = next(d for d in objects if d.get("kind") == "DaemonSet")
-        pod = ds["spec"]["template"]["spec"]
-        args = pod["containers"][0]["args"]
+        objects, pod, args = rendered_pod(deep_merge(base, {"tokenValidation": {"mode": mode}}))
         mounts = {m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         bindings = [o for o in objects if o.get("kind") == "ClusterRoleBinding"
                     and o["roleRef"]["name"] == "system:service-account-issuer-discovery"]
-        want = "off" if mode is False else mode
-        problems = []
-        if [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--token-validation"] != [want]:
-            problems.append(f"--token-validation not {want}: {args}")
-        if pod.get("automountServiceAccountToken") != validating:
-            problems.append(f"automountServiceAccountToken {pod.get('automountServiceAccountToken')}")
+        problems = mode_problems(pod, args, "--token-validation", mode, validating)
         if (len(bindings) == 1) != validating:
             problems.append(f"{len(bindings)} issuer-discovery bindings")
         if (("state" in mounts and "state" in volumes and "--state-dir" in args)) != validating:
@@ -285,6 +296,21 @@ def check_token_validation(cases: dict[str, dict]) -> None:
         if validating and volumes["state"]["hostPath"]["path"] != "/var/lib/eks-pod-identity-agent":
             problems.append(f"state hostPath {volumes['state']['hostPath']}")
         report(f"tokenValidation.mode={mode}: RBAC, token and state volume", "; ".join(problems) or None)
+
+
+def check_pod_view(cases: dict[str, dict]) -> None:
+    """The pod view's RBAC (get, list and watch on pods) and token come with it, and go with `mode: off`."""
+    base = deep_merge(cases.get("cloud", {}), {"tokenValidation": {"mode": "off"}})
+    for mode, viewing in (("auto", True), ("on", True), ("off", False), (False, False)):
+        objects, pod, args = rendered_pod(deep_merge(base, {"podView": {"mode": mode}}))
+        rules = [r for o in objects if o.get("kind") == "ClusterRole" for r in o.get("rules") or []]
+        pods = [r for r in rules if r.get("resources") == ["pods"]]
+        problems = mode_problems(pod, args, "--pod-view", mode, viewing)
+        if viewing and (len(pods) != 1 or pods[0]["verbs"] != ["get", "list", "watch"]):
+            problems.append(f"pods rules {pods}")
+        if not viewing and pods:
+            problems.append(f"pods rules without the view: {pods}")
+        report(f"podView.mode={mode}: RBAC on pods and token", "; ".join(problems) or None)
 
 
 def check_flag_values(cases: dict[str, dict]) -> None:
@@ -566,6 +592,7 @@ def main() -> int:
     check_metrics_port(cases)
     check_flag_values(cases)
     check_token_validation(cases)
+    check_pod_view(cases)
     check_schemas(rendered)
     check_original_compat()
     known = known_metrics()

@@ -250,7 +250,32 @@ pub struct AttributionConfig {
     pub namespace_label_limit: usize,
 }
 
-/// What the agent asks of the Kubernetes API. With both features off no client is created and
+/// `--pod-view`: whether the agent watches this node's pods for their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodViewMode {
+    /// Never.
+    Off,
+    /// Whenever a Kubernetes configuration is found and the node's name is known; quietly not
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Always; a missing configuration or node name is an error in the log (the agent serves on).
+    On,
+}
+
+/// The node-local pod view: which pods, how many at most, and how long each watch call lasts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodViewConfig {
+    pub mode: PodViewMode,
+    /// Most pods kept: the node's `--max-pods` with room for pods still terminating and for pods
+    /// that completed (a pod past the bound is left out, and counted).
+    pub capacity: usize,
+    /// `timeoutSeconds` of each watch call (the API server ends the watch then, and the watcher
+    /// resumes it from the last version seen). The view's client reads for longer than this.
+    pub watch_timeout: Duration,
+}
+
+/// What the agent asks of the Kubernetes API. With every feature off no client is created and
 /// nothing here is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesConfig {
@@ -267,12 +292,21 @@ pub struct KubernetesConfig {
     /// Room in the queue between the request path and the Events task; beyond it observations
     /// are dropped and counted.
     pub event_queue: usize,
+    /// The pods of this node, for the names of the callers the kernel places in them.
+    pub pod_view: PodViewConfig,
 }
 
 impl KubernetesConfig {
-    /// Whether any feature needs the Kubernetes API.
+    /// Whether any feature may need the Kubernetes API (the pod view's `auto` only if a
+    /// configuration is found).
     pub fn enabled(&self) -> bool {
-        self.startup_taint.is_some() || self.pod_events
+        self.startup_taint.is_some() || self.pod_events || self.pod_view.mode != PodViewMode::Off
+    }
+
+    /// Whether a missing Kubernetes configuration is an error: a feature asked for by name needs
+    /// it (`auto` goes without).
+    pub fn required(&self) -> bool {
+        self.startup_taint.is_some() || self.pod_events || self.pod_view.mode == PodViewMode::On
     }
 }
 

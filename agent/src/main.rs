@@ -40,6 +40,16 @@ fn log_filter(level: tracing::Level) -> tracing_subscriber::EnvFilter {
             filter = filter.add_directive(directive);
         }
     }
+    // kube-rs's watcher warns at every failed retry (a 403 every 30 s for ever); the pod view
+    // logs once per spell of failures and counts each. Its own lines only at debug and trace.
+    let watcher = if level >= tracing::Level::DEBUG {
+        level
+    } else {
+        tracing::Level::ERROR
+    };
+    if let Ok(directive) = format!("kube_runtime={watcher}").parse() {
+        filter = filter.add_directive(directive);
+    }
     filter
 }
 

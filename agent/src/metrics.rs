@@ -106,6 +106,17 @@ pub struct Metrics {
     pub signing_keys: IntGauge,
     /// Fetches of the cluster's signing keys by `result`: ok, error.
     pub signing_key_fetches: IntCounterVec,
+    /// Pods in the node-local pod view.
+    pub pod_view_pods: IntGauge,
+    /// 1 while the pod view follows the API server's (listed, and no error since), else 0.
+    pub pod_view_synced: IntGauge,
+    /// Failed lists and watches of the pod view by `reason`: forbidden, expired, unavailable.
+    pub pod_view_errors: IntCounterVec,
+    /// Pods left out of the view because it held its maximum.
+    pub pod_view_left_out: IntCounter,
+    /// Requests whose token names another pod, namespace or service account than the pod view
+    /// has for the pod the kernel placed the caller in.
+    pub pod_view_token_mismatch: IntCounter,
 }
 
 /// Why the registry could not be built (a programming error: names and labels are constants).
@@ -206,6 +217,16 @@ impl Metrics {
             &["key"],
         )?;
         registry.register(Box::new(startup_taint_removed.clone()))?;
+        let pod_view_left_out = IntCounter::new(
+            "pod_identity_pod_view_left_out_total",
+            "Pods of this node left out of the pod view because it held its maximum (4 x --max-pods).",
+        )?;
+        registry.register(Box::new(pod_view_left_out.clone()))?;
+        let pod_view_token_mismatch = IntCounter::new(
+            "pod_identity_pod_view_token_mismatch_total",
+            "Credential requests whose token names another namespace, service account, pod name or pod UID than the pod view has for the pod the kernel placed the caller in.",
+        )?;
+        registry.register(Box::new(pod_view_token_mismatch.clone()))?;
         build_info
             .with_label_values(&[crate::VERSION, crate::COMMIT])
             .set(1);
@@ -301,6 +322,21 @@ impl Metrics {
                 "Fetches of the cluster's signing keys from the Kubernetes API, by result: ok, error.",
                 &["result"],
             )?,
+            pod_view_pods: gauge(
+                "pod_identity_pod_view_pods",
+                "Pods of this node in the pod view (the names audit records give the callers the kernel places in pods).",
+            )?,
+            pod_view_synced: gauge(
+                "pod_identity_pod_view_synced",
+                "1 while the pod view follows the API server (listed, no error since); 0 before the first list and while the API server is away (the last view is kept).",
+            )?,
+            pod_view_errors: counter_vec(
+                "pod_identity_pod_view_errors_total",
+                "Failed lists and watches of this node's pods, by reason: forbidden (no RBAC for pods), expired (410 Gone: listed again), unavailable (any other failure, retried with backoff).",
+                &["reason"],
+            )?,
+            pod_view_left_out,
+            pod_view_token_mismatch,
             build_info,
             registry,
         })

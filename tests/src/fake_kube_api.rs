@@ -15,11 +15,15 @@
 //!   `creationTimestamp`; 409 `AlreadyExists`; the real API's namespace checks) and
 //!   `PATCH /api/v1/namespaces/{ns}/events/{name}` (404 `NotFound` when it is gone).
 //!
+//! - `GET /api/v1/pods` (list, and watch with `watch=true`): see [`pods`].
+//!
 //! Every request needs `Authorization: Bearer <token>` (401 `Unauthorized` otherwise); errors are
 //! `Status` objects. Tests inject faults per operation (an error status, a hang, a dropped
 //! connection), make another writer change a node under the agent's patch (a real conflict), run
 //! a hook on every request (e.g. to probe the agent's `/readyz` at that moment), and read what was
 //! asked. `tests/tests/startup_taint.rs` checks these shapes against k8s-openapi's types.
+
+mod pods;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,12 +34,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
+
+pub use pods::pod_object;
 
 /// The API call a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +54,10 @@ pub enum Op {
     Version,
     Jwks,
     OpenIdConfiguration,
+    /// `GET /api/v1/pods`.
+    ListPods,
+    /// `GET /api/v1/pods?watch=true`.
+    WatchPods,
     /// Anything else (404).
     Other,
 }
@@ -68,6 +79,8 @@ pub struct KubeRequest {
     pub op: Op,
     pub method: String,
     pub path: String,
+    /// The query string, as sent (percent-encoded).
+    pub query: Option<String>,
     pub content_type: Option<String>,
     pub authorization: Option<String>,
     pub body: String,
@@ -107,6 +120,7 @@ struct State {
     version: Option<(String, String)>,
     /// The service-account issuer's key set; `None`: 404.
     jwks: Option<Value>,
+    pods: pods::Pods,
 }
 
 impl State {
@@ -355,8 +369,14 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 }
 
 type HttpResponse = Response<Full<Bytes>>;
+/// What the connection serves: a whole body, or a watch's stream.
+type AnyResponse = Response<UnsyncBoxBody<Bytes, std::io::Error>>;
 
-fn classify(method: &str, path: &str) -> (Op, Vec<String>) {
+fn whole(response: HttpResponse) -> AnyResponse {
+    response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn classify(method: &str, path: &str, query: Option<&str>) -> (Op, Vec<String>) {
     let parts: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -371,6 +391,13 @@ fn classify(method: &str, path: &str) -> (Op, Vec<String>) {
         ("GET", ["version"]) => Op::Version,
         ("GET", ["openid", "v1", "jwks"]) => Op::Jwks,
         ("GET", [".well-known", "openid-configuration"]) => Op::OpenIdConfiguration,
+        ("GET", ["api", "v1", "pods"]) => {
+            if pods::query_params(query).get("watch").map(String::as_str) == Some("true") {
+                Op::WatchPods
+            } else {
+                Op::ListPods
+            }
+        }
         _ => Op::Other,
     };
     (op, parts)
@@ -379,7 +406,7 @@ fn classify(method: &str, path: &str) -> (Op, Vec<String>) {
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<HttpResponse, std::io::Error> {
+) -> Result<AnyResponse, std::io::Error> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -392,11 +419,12 @@ async fn handle(
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
-    let (op, path) = classify(parts.method.as_str(), parts.uri.path());
+    let (op, path) = classify(parts.method.as_str(), parts.uri.path(), parts.uri.query());
     let mut request = KubeRequest {
         op,
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
         content_type: header("content-type"),
         authorization: header("authorization"),
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -423,11 +451,18 @@ async fn handle(
         None if request.authorization.as_deref() != Some(&format!("Bearer {}", shared.token)) => {
             status(401, "Unauthorized", None)
         }
+        None if op == Op::WatchPods => {
+            let params = pods::query_params(request.query.as_deref());
+            let response = pods::watch(&shared, &params);
+            request.status = response.status().as_u16();
+            shared.state().requests.push(request);
+            return Ok(response);
+        }
         None => answer(&shared, &request, &path),
     };
     request.status = response.status().as_u16();
     shared.state().requests.push(request);
-    Ok(response)
+    Ok(whole(response))
 }
 
 fn take_fault(state: &mut State, op: Op) -> Option<KubeFault> {
@@ -505,6 +540,9 @@ fn answer(shared: &Shared, req: &KubeRequest, path: &[String]) -> HttpResponse {
                 None,
             ),
         },
+        Op::ListPods | Op::WatchPods => {
+            pods::list(shared, &pods::query_params(req.query.as_deref()))
+        }
         Op::Other => status(
             404,
             "the server could not find the requested resource",
@@ -764,8 +802,13 @@ pub fn agent_args(node: &crate::node::SimNode, api: &FakeKubeApi) -> crate::agen
             ("NODE_NAME".into(), node.name().to_owned()),
         ],
         // These tests count the agent's API calls: token validation's own (tests/validation.rs)
-        // stay out of them.
-        extra: vec!["--token-validation".into(), "off".into()],
+        // and the pod view's (tests/pod_view.rs) stay out of them.
+        extra: vec![
+            "--token-validation".into(),
+            "off".into(),
+            "--pod-view".into(),
+            "off".into(),
+        ],
         ..crate::agent::AgentArgs::default()
     }
 }

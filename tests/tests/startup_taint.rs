@@ -150,8 +150,11 @@ fn a_conflict_is_retried_and_keeps_the_concurrent_change() {
         kube_args(&node, &api).args(["--remove-startup-taint"]),
     )
     .unwrap();
+    // The fake records a call once it has answered it: the patch shows in the node a moment
+    // before it shows among the requests.
     assert!(
-        e2e::wait_for(Duration::from_secs(10), || !carries_key(&api, &node)),
+        e2e::wait_for(Duration::from_secs(10), || !carries_key(&api, &node)
+            && api.requests().len() >= 4),
         "log:\n{}",
         agent.logs().unwrap()
     );
@@ -518,7 +521,8 @@ fn the_charts_flags_switch_the_features_on() {
             .any(|t| t["key"].as_str() == Some(KEY) && t["operator"].as_str() == Some("Exists")),
         "the DaemonSet tolerates its startup taint"
     );
-    // Least privilege: nodes get/patch and events create/patch, nothing else.
+    // Least privilege: nodes get/patch, events create/patch and (the pod view, on by default)
+    // pods get/list/watch, nothing else.
     let role = docs
         .iter()
         .find(|d| d["kind"].as_str() == Some("ClusterRole"))
@@ -549,6 +553,10 @@ fn the_charts_flags_switch_the_features_on() {
             (
                 "events".to_owned(),
                 vec!["create".to_owned(), "patch".to_owned()]
+            ),
+            (
+                "pods".to_owned(),
+                vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()]
             ),
         ]
     );

@@ -35,8 +35,8 @@ use tokio::sync::mpsc;
 
 use crate::config::{AuditRotation, AuditSink};
 pub use record::{
-    AuditEvent, AuditRecord, CallerRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord,
-    timestamp, to_line,
+    AuditEvent, AuditRecord, CallerRecord, PodRecord, SCHEMA_VERSION, ServedCredentials,
+    TokenRecord, timestamp, to_line,
 };
 use writer::{Output, write_records};
 

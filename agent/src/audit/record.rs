@@ -13,6 +13,7 @@ use crate::cgroup::CgroupInfo;
 use crate::credentials::Issued;
 use crate::credentials::cache::Lookup;
 use crate::ebpf;
+use crate::kubernetes::pod_view::ViewedPod;
 use crate::proof::Proof;
 use crate::token::Claims;
 
@@ -42,6 +43,8 @@ pub struct AuditEvent {
     pub proof: Proof,
     /// The credentials served: only for allowed requests.
     pub issued: Option<Arc<Issued>>,
+    /// The pod the kernel placed the caller in, as the pod view has it.
+    pub pod: Option<ViewedPod>,
 }
 
 impl AuditEvent {
@@ -61,6 +64,7 @@ impl AuditEvent {
             binding: "off",
             proof: Proof::empty(),
             issued: None,
+            pod: None,
         }
     }
 
@@ -87,6 +91,16 @@ impl AuditEvent {
                 pid: process.map(|p| p.pid),
                 comm: process.map(|p| p.comm.clone()),
             },
+            pod: self.pod.as_ref().map(|viewed| PodRecord {
+                namespace: viewed.pod.namespace.to_string(),
+                name: viewed.pod.name.to_string(),
+                service_account: viewed.pod.service_account.to_string(),
+                container: pod
+                    .and_then(|p| p.container_id.as_deref())
+                    .and_then(|id| viewed.pod.container_name(id))
+                    .map(ToString::to_string),
+                token_matches: viewed.token_matches,
+            }),
             token: self.claims.as_deref().map(|c| TokenRecord {
                 namespace: c.namespace().map(str::to_owned),
                 service_account: c.service_account().map(str::to_owned),
@@ -132,6 +146,10 @@ pub struct AuditRecord {
     pub cache: Option<&'static str>,
     pub latency_us: u64,
     pub caller: CallerRecord,
+    /// The pod the kernel placed the caller in, named by the pod view (the API server's pods of
+    /// this node); absent when the view does not know it (or is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<TokenRecord>,
     /// `match`, `mismatch`, `unattributed` or `off`.
@@ -188,6 +206,21 @@ pub struct CallerRecord {
     pub container_id: Option<String>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+}
+
+/// The caller's pod as the API server has it, keyed by the pod UID the kernel saw.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    /// The name of the caller's container (`null` when the kernel placed the caller in no
+    /// container of the pod, or the pod's status does not list it yet).
+    pub container: Option<String>,
+    /// Whether the token's namespace, service account, pod name and pod UID are this pod's;
+    /// absent when no token was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_matches: Option<bool>,
 }
 
 /// The token's claims as presented: verified only as `verified_by` says.

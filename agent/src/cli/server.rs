@@ -9,8 +9,8 @@ use clap::{ArgAction, Args, ValueEnum};
 
 use super::parse::*;
 use crate::config::{
-    AttributionConfig, AuditRotation, AuditSink, CacheConfig, KubernetesConfig, RateLimit,
-    ServerConfig, TokenBinding, UpstreamConfig,
+    AttributionConfig, AuditRotation, AuditSink, CacheConfig, KubernetesConfig, PodViewConfig,
+    PodViewMode, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 use crate::validation::{self, ValidationConfig};
@@ -155,6 +155,12 @@ pub struct ServerArgs {
     /// a token that cannot be checked is refused), off.
     #[arg(long, value_enum, default_value_t = ValidationArg::Auto)]
     pub token_validation: ValidationArg,
+    /// Watch this node's pods (one watch, field selector spec.nodeName=--node-name) so that audit
+    /// records name the pod, service account and container the kernel placed each caller in:
+    /// auto (whenever a Kubernetes configuration is found and --node-name is set), on, off. Needs
+    /// `get`, `list` and `watch` on pods.
+    #[arg(long, value_enum, default_value_t = PodViewArg::Auto)]
+    pub pod_view: PodViewArg,
     /// The audience a token must carry (another one only for a delegate behind --endpoint).
     #[arg(long, default_value = crate::token::AUDIENCE)]
     pub token_audience: String,
@@ -166,6 +172,14 @@ pub struct ServerArgs {
 /// `--token-validation` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ValidationArg {
+    Auto,
+    On,
+    Off,
+}
+
+/// `--pod-view` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodViewArg {
     Auto,
     On,
     Off,
@@ -246,6 +260,18 @@ impl ServerArgs {
                 call_timeout: Duration::from_secs(10),
                 retry_backoff: (Duration::from_secs(1), Duration::from_secs(30)),
                 event_queue: 1024,
+                pod_view: PodViewConfig {
+                    mode: match self.pod_view {
+                        PodViewArg::Auto => PodViewMode::Auto,
+                        PodViewArg::On => PodViewMode::On,
+                        PodViewArg::Off => PodViewMode::Off,
+                    },
+                    // Room for pods still terminating beside their replacements.
+                    capacity: usize::try_from(self.max_pods)
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(4),
+                    watch_timeout: Duration::from_secs(290),
+                },
             },
             validation: ValidationConfig {
                 mode: match self.token_validation {

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{
-    AuditSink, CacheConfig, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
+    AuditSink, CacheConfig, PodViewMode, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 
@@ -290,7 +290,31 @@ fn kubernetes_features_are_off_by_default_and_take_bool_values() {
     let c = server(&["-c", "x"]).unwrap();
     assert_eq!(c.kubernetes.startup_taint, None);
     assert!(!c.kubernetes.pod_events);
-    assert!(!c.kubernetes.enabled());
+    // The pod view's `auto` may use the API, but nothing requires it.
+    assert_eq!(c.kubernetes.pod_view.mode, PodViewMode::Auto);
+    assert!(c.kubernetes.enabled());
+    assert!(!c.kubernetes.required());
+    assert_eq!(c.kubernetes.pod_view.capacity, 440, "4 x --max-pods");
+    for (arg, mode) in [
+        ("on", PodViewMode::On),
+        ("off", PodViewMode::Off),
+        ("auto", PodViewMode::Auto),
+    ] {
+        let c = server(&["-c", "x", "--pod-view", arg]).unwrap();
+        assert_eq!(c.kubernetes.pod_view.mode, mode);
+    }
+    assert!(
+        !server(&["-c", "x", "--pod-view", "off"])
+            .unwrap()
+            .kubernetes
+            .enabled()
+    );
+    assert!(
+        server(&["-c", "x", "--pod-view", "on"])
+            .unwrap()
+            .kubernetes
+            .required()
+    );
     let c = server(&[
         "-c",
         "x",

@@ -24,6 +24,7 @@ use crate::credentials::admission::Share;
 use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::{self, EventRecorder};
+use crate::kubernetes::pod_view::{PodView, ViewedPod};
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::proof::Proof;
 use crate::token::{Claims, TokenError};
@@ -63,6 +64,9 @@ pub struct Endpoint<R> {
     events: Option<EventRecorder>,
     /// Local validation of new tokens (the audience, and signatures with the cluster's keys).
     validator: Arc<Validator>,
+    /// This node's pods, for the names of the pod the kernel placed each caller in
+    /// (`--pod-view`).
+    pod_view: Option<PodView>,
 }
 
 impl<R: Retriever> Endpoint<R> {
@@ -94,6 +98,7 @@ impl<R: Retriever> Endpoint<R> {
             refusals: RefusalLog::new(REFUSAL_LOG_PERIOD),
             events: None,
             validator: Validator::off(),
+            pod_view: None,
         }
     }
 
@@ -108,6 +113,14 @@ impl<R: Retriever> Endpoint<R> {
     #[must_use]
     pub fn with_events(mut self, events: Option<EventRecorder>) -> Self {
         self.events = events;
+        self
+    }
+
+    /// Names callers after the pods of `view` (audit records; a token naming another pod than
+    /// the view's is counted).
+    #[must_use]
+    pub fn with_pod_view(mut self, view: Option<PodView>) -> Self {
+        self.pod_view = view;
         self
     }
 
@@ -157,8 +170,15 @@ impl<R: Retriever> Endpoint<R> {
             {
                 recorder.record(observation);
             }
+            // The pod the kernel saw, as the API server names it: an `Arc` and a comparison.
+            let pod = self.pod_view.as_ref().and_then(|view| {
+                ViewedPod::find(view, caller.pod_uid()?, exchange.claims.as_deref())
+            });
+            if pod.as_ref().is_some_and(|p| p.token_matches == Some(false)) {
+                self.metrics.pod_view_token_mismatch.inc();
+            }
             if let Some(audit) = &self.audit {
-                audit.record(self.audit_event(&result, status, elapsed, caller, exchange));
+                audit.record(self.audit_event(&result, status, elapsed, caller, exchange, pod));
             }
         }
         response
@@ -292,6 +312,7 @@ impl<R: Retriever> Endpoint<R> {
         elapsed: std::time::Duration,
         caller: &Caller,
         ex: Exchange,
+        pod: Option<ViewedPod>,
     ) -> AuditEvent {
         let (outcome, reason) = match result {
             Ok(_) => ("allowed", None),
@@ -307,6 +328,7 @@ impl<R: Retriever> Endpoint<R> {
             binding: ex.binding.as_ref().map_or("off", Binding::as_str),
             proof: ex.proof,
             issued: ex.issued,
+            pod,
             ..AuditEvent::new(self.clock.now(), caller.peer, outcome, status)
         }
     }

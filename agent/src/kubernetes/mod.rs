@@ -1,18 +1,20 @@
 //! What the agent asks of the Kubernetes API: removing this node's startup taint once it serves
-//! ([`taint`]), and Events on pods whose credential requests fail ([`events`], aggregated and
-//! rate-limited by [`correlator`]).
+//! ([`taint`]), Events on pods whose credential requests fail ([`events`], aggregated and
+//! rate-limited by [`correlator`]), and the node's pods for the names of their callers
+//! ([`pod_view`]).
 //!
 //! The client (kube-rs, configured like every Kubernetes client: `KUBECONFIG` or
 //! `~/.kube/config`, else the pod's service account and `KUBERNETES_SERVICE_HOST`) is created
-//! only when one of the features is on, and in the background: with both off nothing here runs,
-//! and with either on the agent's start-up does not wait for the API. No failure here ever
+//! only when one of the features is on, and in the background: with all of them off nothing here
+//! runs, and with any on the agent's start-up does not wait for the API. No failure here ever
 //! blocks a credential answer: the API is only called from tasks of this module, each call with
-//! a deadline.
+//! a deadline (the pod view's watch, a long stream, on a client of its own).
 
 pub mod correlator;
 pub mod events;
 #[cfg(test)]
 mod fake;
+pub mod pod_view;
 pub mod taint;
 
 use std::future::Future;
@@ -22,10 +24,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KubernetesConfig;
+use crate::config::{KubernetesConfig, PodViewMode};
 use crate::metrics::Metrics;
 use crate::probes::Readiness;
 use events::{EventInbox, EventRecorder, PodNames};
+use pod_view::PodView;
+use pod_view::reflect::ViewMetrics;
 
 /// The component name on the Events the agent posts (`source.component`, `reportingComponent`).
 pub const COMPONENT: &str = "eks-pod-identity-agent";
@@ -43,11 +47,16 @@ pub enum ClientError {
 /// own retry of 429, 503 and 504 (on by default: up to 15 tries backing off to 1000 s, so one
 /// call could outlive its deadline by minutes, uncounted). The callers retry, with their backoff.
 pub async fn client(config: &KubernetesConfig) -> Result<Deadlined<kube::Client>, ClientError> {
-    let mut kube_config = kube::Config::infer().await.map_err(ClientError::Config)?;
+    let mut kube_config = infer().await?;
     Ok(Deadlined {
         api: client_from(&mut kube_config, config)?,
         deadline: config.call_timeout,
     })
+}
+
+/// The configuration every Kubernetes client infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+pub async fn infer() -> Result<kube::Config, ClientError> {
+    kube::Config::infer().await.map_err(ClientError::Config)
 }
 
 /// `kube_config` with the agent's timeouts and no built-in retry, made a client.
@@ -231,22 +240,32 @@ pub fn status_code(e: &kube::Error) -> Option<u16> {
     }
 }
 
-/// The Kubernetes features, set up before the endpoint (which needs the Events handle) and
-/// started once the server is assembled.
+/// The Kubernetes features, set up before the endpoint (which needs the Events and pod view
+/// handles) and started once the server is assembled.
 pub struct Kubernetes {
     config: KubernetesConfig,
     node_name: Option<String>,
     metrics: Metrics,
     inbox: Option<EventInbox>,
+    pod_view: Option<PodView>,
+}
+
+/// What the request path gets of the Kubernetes features.
+#[derive(Default)]
+pub struct Handles {
+    /// `--pod-events`.
+    pub events: Option<EventRecorder>,
+    /// `--pod-view`: empty until the task has listed the node's pods.
+    pub pod_view: Option<PodView>,
 }
 
 impl Kubernetes {
-    /// `None` when both features are off: then nothing of this module runs.
+    /// `None` when every feature is off: then nothing of this module runs.
     pub fn new(
         config: &KubernetesConfig,
         node_name: Option<String>,
         metrics: &Metrics,
-    ) -> Option<(Kubernetes, Option<EventRecorder>)> {
+    ) -> Option<(Kubernetes, Handles)> {
         if !config.enabled() {
             return None;
         }
@@ -256,18 +275,37 @@ impl Kubernetes {
         } else {
             (None, None)
         };
+        let pod_view = match (config.pod_view.mode, &node_name) {
+            (PodViewMode::Off, _) => None,
+            (_, Some(_)) => Some(PodView::new()),
+            (PodViewMode::Auto, None) => None,
+            (PodViewMode::On, None) => {
+                tracing::error!(
+                    "--pod-view on needs this node's name (--node-name or NODE_NAME): audit records carry no pod names"
+                );
+                None
+            }
+        };
         let kubernetes = Kubernetes {
             config: config.clone(),
             node_name,
             metrics: metrics.clone(),
             inbox,
+            pod_view: pod_view.clone(),
         };
-        Some((kubernetes, recorder))
+        Some((
+            kubernetes,
+            Handles {
+                events: recorder,
+                pod_view,
+            },
+        ))
     }
 
-    /// Makes the client, then removes the startup taint once `readiness` holds and posts Events
-    /// until `shutdown`. A client that cannot be made is logged and counted, and the agent
-    /// serves on without these features.
+    /// Makes the client, then removes the startup taint once `readiness` holds, posts Events and
+    /// keeps the pod view until `shutdown`. A client that cannot be made is logged and counted
+    /// (unless only the pod view's `auto` wanted it), and the agent serves on without these
+    /// features.
     pub async fn run(self, readiness: Readiness, names: PodNames, shutdown: CancellationToken) {
         let errors = ApiErrors::new(&self.metrics.kubernetes_api_errors);
         // 0 from the start: an agent that cannot remove the taint shows it (and alerts).
@@ -276,19 +314,49 @@ impl Kubernetes {
             removed.set(0);
             removed
         });
-        let client = tokio::select! {
+        let kube_config = tokio::select! {
             () = shutdown.cancelled() => return,
-            client = client(&self.config) => client,
+            kube_config = infer() => kube_config,
         };
-        let client = match client {
-            Ok(client) => client,
+        let clients = kube_config.and_then(|mut kube_config| {
+            let api = client_from(&mut kube_config, &self.config)?;
+            let watch = match &self.pod_view {
+                Some(_) => Some(pod_view::watch::client(kube_config, &self.config)?),
+                None => None,
+            };
+            Ok((
+                Deadlined {
+                    api,
+                    deadline: self.config.call_timeout,
+                },
+                watch,
+            ))
+        });
+        let (client, watch_client) = match clients {
+            Ok(clients) => clients,
+            Err(e) if !self.config.required() => {
+                tracing::info!(reason = %crate::error_chain(&e), "pod view: no Kubernetes API; audit records carry no pod names");
+                return;
+            }
             Err(e) => {
                 errors.count(Operation::Client);
-                tracing::error!(error = %crate::error_chain(&e), "no Kubernetes API: the startup taint stays and no Events are posted");
+                tracing::error!(error = %crate::error_chain(&e), "no Kubernetes API: the startup taint stays, no Events are posted and audit records carry no pod names");
                 return;
             }
         };
         let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(view), Some(watch_client), Some(node)) =
+            (self.pod_view, watch_client, self.node_name.clone())
+        {
+            tasks.spawn(pod_view::watch::run(
+                watch_client,
+                node,
+                self.config.clone(),
+                view,
+                ViewMetrics::new(&self.metrics),
+                shutdown.clone(),
+            ));
+        }
         if let (Some(key), Some(removed)) = (self.config.startup_taint.clone(), removed) {
             match self.node_name.clone() {
                 Some(node) => {
@@ -387,6 +455,11 @@ mod tests {
                 std::time::Duration::from_secs(30),
             ),
             event_queue: 8,
+            pod_view: crate::config::PodViewConfig {
+                mode: crate::config::PodViewMode::Off,
+                capacity: 440,
+                watch_timeout: std::time::Duration::from_secs(290),
+            },
         };
         super::client_from(&mut kube_config, &config).unwrap();
         assert!(!kube_config.default_retry);

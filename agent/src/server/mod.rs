@@ -25,8 +25,8 @@ use crate::config::ServerConfig;
 use crate::credentials::cache::CredentialCache;
 use crate::credentials::eks_auth::{EksAuth, EksAuthSetupError};
 use crate::http::Endpoint;
-use crate::kubernetes::Kubernetes;
 use crate::kubernetes::events::names_from_cache;
+use crate::kubernetes::{Handles, Kubernetes};
 use crate::listener::{self, Accepting, BindError};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
 use crate::probe_listener;
@@ -123,14 +123,15 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let namespaces = Arc::new(NamespaceLabels::new(
         config.attribution.namespace_label_limit,
     ));
-    // Off by default: with both features off, nothing of the Kubernetes client exists.
-    let (kubernetes, event_recorder) = match Kubernetes::new(
+    // With every feature off (the pod view's `auto` finds no configuration or node name),
+    // nothing of the Kubernetes client exists.
+    let (kubernetes, handles) = match Kubernetes::new(
         &config.kubernetes,
         config.attribution.node_name.clone(),
         &metrics,
     ) {
-        Some((kubernetes, recorder)) => (Some((kubernetes, names_from_cache(&cache))), recorder),
-        None => (None, None),
+        Some((kubernetes, handles)) => (Some((kubernetes, names_from_cache(&cache))), handles),
+        None => (None, Handles::default()),
     };
     let validator = Validator::start(&config.validation, &config.kubernetes, &metrics).await?;
     let endpoint = Arc::new(
@@ -144,7 +145,8 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             namespaces.clone(),
             clock,
         )
-        .with_events(event_recorder)
+        .with_events(handles.events)
+        .with_pod_view(handles.pod_view)
         .with_validator(validator),
     );
 
