@@ -9,7 +9,7 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use pod_identity_agent::audit::{
-    AuditRecord, CallerRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord, to_line,
+    AuditRecord, CallerRecord, PodRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord, to_line,
 };
 use pod_identity_agent::proof::Proof;
 use serde_json::{Map, Value, json};
@@ -58,6 +58,17 @@ fn expected(r: &AuditRecord) -> Value {
             "pod_uid": c.pod_uid, "container_id": c.container_id, "pid": c.pid, "comm": c.comm,
         }),
     );
+    if let Some(p) = &r.pod {
+        let mut pod = Map::new();
+        pod.insert("namespace".into(), json!(p.namespace));
+        pod.insert("name".into(), json!(p.name));
+        pod.insert("service_account".into(), json!(p.service_account));
+        pod.insert("container".into(), json!(p.container));
+        if let Some(matches) = p.token_matches {
+            pod.insert("token_matches".into(), json!(matches));
+        }
+        m.insert("pod".into(), Value::Object(pod));
+    }
     if let Some(t) = &r.token {
         m.insert(
             "token".into(),
@@ -115,6 +126,17 @@ fn record(u: &mut Unstructured) -> Result<AuditRecord> {
             container_id: u.arbitrary()?,
             pid: u.arbitrary()?,
             comm: u.arbitrary()?,
+        },
+        pod: if u.arbitrary()? {
+            Some(PodRecord {
+                namespace: u.arbitrary()?,
+                name: u.arbitrary()?,
+                service_account: u.arbitrary()?,
+                container: u.arbitrary()?,
+                token_matches: u.arbitrary()?,
+            })
+        } else {
+            None
         },
         token: if u.arbitrary()? {
             Some(TokenRecord {
