@@ -24,8 +24,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KubernetesConfig, PodViewMode};
+use crate::listener::Readiness;
 use crate::metrics::Metrics;
-use crate::probes::Readiness;
 use events::{EventInbox, EventRecorder, PodNames};
 use pod_view::PodView;
 use pod_view::reflect::ViewMetrics;
