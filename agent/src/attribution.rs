@@ -9,10 +9,13 @@
 //! claims: a client cannot pick whose allowance it spends. Callers the kernel cannot place in a
 //! pod all share one allowance.
 //!
-//! Parts: `open` (the per-pod cap on open connections), `tests`.
+//! Parts: `caller` (what the agent knows of a peer, and whose allowance it spends), `open` (the
+//! per-pod cap on open connections), `tests`.
 
+mod caller;
 mod open;
 
+pub use caller::{Caller, PodKey};
 use open::{ConnectionSlot, OpenConnections};
 
 use std::collections::HashMap;
@@ -25,84 +28,15 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::IntCounter;
 
-use crate::cgroup::{Cached, CgroupInfo, CgroupResolver};
+use crate::cgroup::{Cached, CgroupResolver};
 use crate::config::{RateLimit, TokenBinding};
 use crate::credentials::cache::{Entry, KeepPredicate};
-use crate::ebpf::{self, Callers};
+use crate::ebpf::Callers;
 use crate::token::Claims;
 
 /// Most pods with a request allowance in memory. Far above any node's pod count; past it (only
 /// under churn faster than pruning) new pods share the allowance of callers in no pod.
 const MAX_LIMITED_PODS: usize = 10_000;
-
-/// What the agent knows of the peer of a connection.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub peer: SocketAddr,
-    /// The process that connected, when the eBPF programs recorded it.
-    pub process: Option<ebpf::Caller>,
-    /// Its cgroup, and the pod and container parsed from the cgroup's path.
-    pub cgroup: Option<Arc<CgroupInfo>>,
-}
-
-#[cfg(test)]
-impl Caller {
-    /// A process the kernel placed in a container of pod `pod` (the request path's unit tests).
-    pub(crate) fn in_test_pod(pod: &str) -> Caller {
-        Caller {
-            peer: SocketAddr::from(([169, 254, 200, 1], 40000)),
-            process: Some(ebpf::Caller {
-                cgroup_id: 9,
-                pid: 42,
-                tid: 42,
-                uid: 0,
-                comm: "python3".into(),
-                netns_cookie: 0,
-            }),
-            cgroup: Some(Arc::new(crate::cgroup::CgroupInfo {
-                id: 9,
-                path: "/kubepods.slice/pod.slice/cri-containerd-x.scope".into(),
-                pod: Some(crate::cgroup::PodCgroup {
-                    pod_uid: Arc::from(pod),
-                    container_id: Some("x".into()),
-                    qos: crate::cgroup::Qos::Burstable,
-                }),
-            })),
-        }
-    }
-}
-
-impl Caller {
-    /// A caller known only by its address.
-    pub fn unattributed(peer: SocketAddr) -> Self {
-        Caller {
-            peer,
-            process: None,
-            cgroup: None,
-        }
-    }
-
-    /// The pod UID the kernel attributes the connection to.
-    pub fn pod_uid(&self) -> Option<&str> {
-        Some(&self.cgroup.as_ref()?.pod.as_ref()?.pod_uid)
-    }
-
-    /// Whose allowance this caller spends.
-    pub fn pod_key(&self) -> PodKey {
-        match self.cgroup.as_ref().and_then(|c| c.pod.as_ref()) {
-            Some(pod) => PodKey::Pod(pod.pod_uid.clone()),
-            None => PodKey::Unplaced,
-        }
-    }
-}
-
-/// The key of per-pod limits: the pod the kernel placed the caller in, or one key shared by every
-/// caller it could not place (no record, a cgroup not found, a cgroup that is not a pod's).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PodKey {
-    Pod(Arc<str>),
-    Unplaced,
-}
 
 /// An accepted connection: its caller, and the slot it holds among its pod's open connections.
 pub struct Connection {
@@ -215,10 +149,6 @@ impl Attribution {
     pub fn off() -> Self {
         let counter = IntCounter::new("unregistered", "unregistered").unwrap();
         Attribution::new(None, None, Policy::off(), counter)
-    }
-
-    pub fn is_attached(&self) -> bool {
-        self.callers.is_some()
     }
 
     /// An accepted connection: who made it, and whether its pod may hold one more. `None`: the

@@ -29,7 +29,7 @@ pub struct ServerConfig {
     /// Requests per second and burst for the whole node (the original's 1000/500), answered 429.
     pub global_rate: RateLimit,
     /// Local validation of tokens with the cluster's signing keys.
-    pub validation: crate::validation::ValidationConfig,
+    pub validation: ValidationConfig,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Duration,
 }
@@ -316,4 +316,51 @@ pub struct InitializeConfig {
     pub link_name: String,
     pub ipv4: std::net::Ipv4Addr,
     pub ipv6: std::net::Ipv6Addr,
+}
+
+/// `--token-validation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidationMode {
+    /// Never check signatures: EKS Auth does (the agent before local validation).
+    Off,
+    /// Check signatures whenever the cluster's keys are at hand; otherwise as `off`.
+    Auto,
+    /// Always check: a token that cannot be checked is refused.
+    On,
+}
+
+/// How local validation is set up (plain data, from the command line).
+#[derive(Debug, Clone)]
+pub struct ValidationConfig {
+    pub mode: ValidationMode,
+    /// The audience a token must carry (`--token-audience`).
+    pub audience: String,
+    /// Where the last key set is kept across restarts (`--state-dir`).
+    pub state_dir: PathBuf,
+    pub refresh: RefreshPolicy,
+}
+
+/// When keys are fetched again.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshPolicy {
+    /// At most one fetch this often, however many unknown keys are presented.
+    pub min_interval: Duration,
+    /// After failed fetches in a row, the interval doubles up to this (an API server older than
+    /// 1.34, or away for long, is asked this rarely; one success resets it).
+    pub max_interval: Duration,
+    /// The longest a request waits for a fetch (it goes on after that, for later requests).
+    pub wait: Duration,
+    /// The longest one fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        RefreshPolicy {
+            min_interval: Duration::from_secs(10),
+            max_interval: Duration::from_secs(600),
+            wait: Duration::from_secs(1),
+            fetch_timeout: Duration::from_secs(10),
+        }
+    }
 }

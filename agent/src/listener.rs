@@ -124,6 +124,24 @@ impl Accepting {
     }
 }
 
+/// Whether every credential listener is accepting: what `/readyz` answers, and what the startup
+/// taint waits for. Here beside [`Accepting`] so that whoever waits for readiness needs no more
+/// than the listeners.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    listeners: Vec<Accepting>,
+}
+
+impl Readiness {
+    pub fn new(listeners: Vec<Accepting>) -> Self {
+        Readiness { listeners }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.listeners.is_empty() && self.listeners.iter().all(Accepting::get)
+    }
+}
+
 /// How every connection speaks HTTP/1: bounded request heads, and a deadline to send one. Public
 /// for the fuzz targets, which serve in-memory connections with it.
 pub fn http1_builder() -> http1::Builder {

@@ -9,24 +9,8 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::http::error::text;
-use crate::listener::Accepting;
+use crate::listener::Readiness;
 use crate::metrics::Metrics;
-
-/// Whether every credential listener is accepting.
-#[derive(Clone, Default)]
-pub struct Readiness {
-    listeners: Vec<Accepting>,
-}
-
-impl Readiness {
-    pub fn new(listeners: Vec<Accepting>) -> Self {
-        Readiness { listeners }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        !self.listeners.is_empty() && self.listeners.iter().all(Accepting::get)
-    }
-}
 
 /// What the probe and metrics ports serve.
 #[derive(Clone)]
@@ -70,6 +54,7 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listener::Accepting;
 
     fn get(probes: &Probes, path: &str) -> StatusCode {
         probes

@@ -1,7 +1,8 @@
 //! Binding results, per-pod limits and the open-connection cap, without the kernel.
 
 use super::*;
-use crate::cgroup::{PodCgroup, Qos};
+use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
+use crate::ebpf;
 use crate::token::{KubernetesClaims, Named, NamedObject};
 
 const POD: &str = "0b5e3c2a-1111-4222-8333-444455556666";

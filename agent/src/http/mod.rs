@@ -7,6 +7,7 @@
 //! from the cache, or from one upstream call shared with concurrent requests for the same token.
 
 pub mod error;
+pub mod observe;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::config::RateLimit;
 use crate::credentials::admission::Share;
 use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
-use crate::kubernetes::events::{self, EventRecorder};
+use crate::kubernetes::events::EventRecorder;
 use crate::kubernetes::pod_view::{PodView, ViewedPod};
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::proof::Proof;
@@ -161,7 +162,7 @@ impl<R: Retriever> Endpoint<R> {
                 tracing::info!(peer = %caller.peer, status, reason = %e, suppressed, "credential request refused");
             }
             if let Some(recorder) = &self.events
-                && let Some(observation) = events::observation(
+                && let Some(observation) = observe::observation(
                     result.as_ref().map(drop),
                     exchange.binding.as_ref(),
                     exchange.claims.as_deref(),

@@ -1,6 +1,6 @@
 //! What the agent asks of the Kubernetes API: removing this node's startup taint once it serves
 //! ([`taint`]), Events on pods whose credential requests fail ([`events`], aggregated and
-//! rate-limited by [`correlator`]), and the node's pods for the names of their callers
+//! rate-limited by [`events::correlator`]), and the node's pods for the names of their callers
 //! ([`pod_view`]).
 //!
 //! The client (kube-rs, configured like every Kubernetes client: `KUBECONFIG` or
@@ -10,7 +10,6 @@
 //! blocks a credential answer: the API is only called from tasks of this module, each call with
 //! a deadline (the pod view's watch, a long stream, on a client of its own).
 
-pub mod correlator;
 pub mod events;
 #[cfg(test)]
 mod fake;
@@ -25,8 +24,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KubernetesConfig, PodViewMode};
+use crate::listener::Readiness;
 use crate::metrics::Metrics;
-use crate::probes::Readiness;
 use events::{EventInbox, EventRecorder, PodNames};
 use pod_view::PodView;
 use pod_view::reflect::ViewMetrics;

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{KubeApi, Operation, TaintMetrics, status_code};
-use crate::probes::Readiness;
+use crate::listener::Readiness;
 
 /// The default `--startup-taint-key`, after the CSI drivers' and Cilium's `<component>/agent-not-ready`.
 pub const DEFAULT_STARTUP_TAINT: &str = "eks-pod-identity-agent.amazonaws.com/agent-not-ready";

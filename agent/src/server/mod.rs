@@ -27,10 +27,10 @@ use crate::credentials::eks_auth::{EksAuth, EksAuthSetupError};
 use crate::http::Endpoint;
 use crate::kubernetes::events::names_from_cache;
 use crate::kubernetes::{Handles, Kubernetes};
-use crate::listener::{self, Accepting, BindError};
+use crate::listener::{self, Accepting, BindError, Readiness};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
 use crate::probe_listener;
-use crate::probes::{Probes, Readiness};
+use crate::probes::Probes;
 use crate::shutdown;
 use crate::validation::{StartError, Validator};
 

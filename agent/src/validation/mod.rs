@@ -20,9 +20,7 @@ pub mod outcome;
 pub mod source;
 pub mod store;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures::FutureExt as _;
@@ -37,52 +35,8 @@ pub use outcome::{Reason, ValidationError, Verification};
 pub use source::{ApiServer, KeySource, SourceError};
 pub use store::KeyStore;
 
-/// `--token-validation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Never check signatures: EKS Auth does (the agent before local validation).
-    Off,
-    /// Check signatures whenever the cluster's keys are at hand; otherwise as `off`.
-    Auto,
-    /// Always check: a token that cannot be checked is refused.
-    On,
-}
-
-/// How local validation is set up (plain data, from the command line).
-#[derive(Debug, Clone)]
-pub struct ValidationConfig {
-    pub mode: Mode,
-    /// The audience a token must carry (`--token-audience`).
-    pub audience: String,
-    /// Where the last key set is kept across restarts (`--state-dir`).
-    pub state_dir: PathBuf,
-    pub refresh: RefreshPolicy,
-}
-
-/// When keys are fetched again.
-#[derive(Debug, Clone, Copy)]
-pub struct RefreshPolicy {
-    /// At most one fetch this often, however many unknown keys are presented.
-    pub min_interval: Duration,
-    /// After failed fetches in a row, the interval doubles up to this (an API server older than
-    /// 1.34, or away for long, is asked this rarely; one success resets it).
-    pub max_interval: Duration,
-    /// The longest a request waits for a fetch (it goes on after that, for later requests).
-    pub wait: Duration,
-    /// The longest one fetch may take.
-    pub fetch_timeout: Duration,
-}
-
-impl Default for RefreshPolicy {
-    fn default() -> Self {
-        RefreshPolicy {
-            min_interval: Duration::from_secs(10),
-            max_interval: Duration::from_secs(600),
-            wait: Duration::from_secs(1),
-            fetch_timeout: Duration::from_secs(10),
-        }
-    }
-}
+/// The settings, plain data in [`crate::config`] (which imports nothing of the crate).
+pub use crate::config::{RefreshPolicy, ValidationConfig, ValidationMode as Mode};
 
 /// Why validation could not be set up.
 #[derive(Debug, thiserror::Error)]

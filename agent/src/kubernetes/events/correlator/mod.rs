@@ -14,94 +14,26 @@
 //!   short memory of pods that could not be named. A failed call is retried with backoff, up to
 //!   12 attempts (client-go's), then its update is abandoned and counted.
 //!
-//! Plain state and decisions, no I/O: [`super::events::run`] feeds it and sends what it asks.
+//! Plain state and decisions, no I/O: [`super::run`] feeds it and sends what it asks. The parts:
+//! [`limits`] (the constants and the per-pod token bucket), [`call`] (the API calls, built from a
+//! series).
+
+mod call;
+mod limits;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Event, EventSeries, EventSource, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
-use k8s_openapi::jiff::Timestamp;
-use serde_json::json;
 use tokio::time::Instant;
 
-use super::COMPONENT;
-use super::events::{Observation, Outcomes, PodIdentity, Reason, Reporter, Subject, message};
+pub use call::{Call, Key, Reporter, Sent};
+use limits::Bucket;
+pub use limits::Limits;
 
-/// The kubelet's limits, and ours for throttling.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Most series kept.
-    pub max_series: usize,
-    /// API calls per pod: a burst, then one per `refill`.
-    pub burst: u32,
-    pub refill: Duration,
-    /// Throttling is reported from this many occurrences within `repeat_window` on.
-    pub throttle_repeats: u32,
-    pub repeat_window: Duration,
-    /// How long a pod that could not be named is not looked up again.
-    pub unnamed_memory: Duration,
-    /// Attempts at sending one update before it is abandoned.
-    pub max_attempts: u32,
-}
-
-impl Limits {
-    /// client-go's `EventCorrelator` defaults (LRU 4096, spam filter burst 25 and one per 300 s,
-    /// 12 tries per event).
-    pub fn kubelet() -> Self {
-        Limits {
-            max_series: 4096,
-            burst: 25,
-            refill: Duration::from_secs(300),
-            throttle_repeats: 3,
-            repeat_window: Duration::from_secs(60),
-            unnamed_memory: Duration::from_secs(60),
-            max_attempts: 12,
-        }
-    }
-}
-
-/// A series' key: the pod's UID and the reason.
-pub type Key = (Arc<str>, Reason);
-
-/// An API call to make.
-#[derive(Debug, Clone)]
-pub enum Call {
-    Create {
-        key: Key,
-        namespace: String,
-        event: Box<Event>,
-        count: u32,
-    },
-    Patch {
-        key: Key,
-        namespace: String,
-        name: String,
-        patch: serde_json::Value,
-        count: u32,
-    },
-}
-
-impl Call {
-    fn key(&self) -> &Key {
-        match self {
-            Call::Create { key, .. } | Call::Patch { key, .. } => key,
-        }
-    }
-
-    fn count(&self) -> u32 {
-        match self {
-            Call::Create { count, .. } | Call::Patch { count, .. } => *count,
-        }
-    }
-}
-
-/// A call and how it went.
-pub struct Sent {
-    pub call: Call,
-    pub result: Result<Event, kube::Error>,
-}
+use super::message::message;
+use super::observation::{Observation, PodIdentity, Reason, Subject};
+use super::recorder::Outcomes;
 
 /// One Event as the agent knows it.
 struct Series {
@@ -121,25 +53,6 @@ struct Series {
     queued: bool,
     failures: u32,
     not_before: Instant,
-}
-
-/// A token bucket.
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn refill(&mut self, now: Instant, limits: &Limits) {
-        let gained = now.duration_since(self.at).as_secs_f64() / limits.refill.as_secs_f64();
-        self.tokens = (self.tokens + gained).min(f64::from(limits.burst));
-        self.at = now;
-    }
-
-    fn next_token(&self, limits: &Limits) -> Instant {
-        let missing = (1.0 - self.tokens).max(0.0);
-        self.at + limits.refill.mul_f64(missing)
-    }
 }
 
 /// The Events' state: series, buckets, and the queue of series with something to send.
@@ -383,66 +296,6 @@ impl Correlator {
             .min()
     }
 
-    fn call(&self, key: &Key) -> Option<Call> {
-        let series = self.series.get(key)?;
-        let pod = &series.pod;
-        let count = series.count;
-        let count_i32 = i32::try_from(count).unwrap_or(i32::MAX);
-        let last = timestamp(series.last);
-        let event_series = (count > 1).then_some(EventSeries {
-            count: Some(count_i32),
-            last_observed_time: Some(MicroTime(last)),
-        });
-        Some(match &series.object {
-            Some(name) => Call::Patch {
-                key: key.clone(),
-                namespace: pod.namespace.clone(),
-                name: name.clone(),
-                patch: json!({
-                    "count": count_i32,
-                    "lastTimestamp": Time(last),
-                    "message": series.message,
-                    "series": event_series,
-                }),
-                count,
-            },
-            None => Call::Create {
-                key: key.clone(),
-                namespace: pod.namespace.clone(),
-                event: Box::new(Event {
-                    metadata: ObjectMeta {
-                        name: Some(event_name(&pod.name, series.last, series.failures)),
-                        namespace: Some(pod.namespace.clone()),
-                        ..ObjectMeta::default()
-                    },
-                    involved_object: ObjectReference {
-                        api_version: Some("v1".to_owned()),
-                        kind: Some("Pod".to_owned()),
-                        name: Some(pod.name.clone()),
-                        namespace: Some(pod.namespace.clone()),
-                        uid: Some(pod.uid.clone()),
-                        ..ObjectReference::default()
-                    },
-                    reason: Some(key.1.as_str().to_owned()),
-                    message: Some(series.message.clone()),
-                    type_: Some("Warning".to_owned()),
-                    count: Some(count_i32),
-                    first_timestamp: Some(Time(timestamp(series.first))),
-                    last_timestamp: Some(Time(last)),
-                    series: event_series,
-                    source: Some(EventSource {
-                        component: Some(COMPONENT.to_owned()),
-                        host: Some(self.reporter.host.clone()).filter(|h| !h.is_empty()),
-                    }),
-                    reporting_component: Some(COMPONENT.to_owned()),
-                    reporting_instance: Some(self.reporter.host.clone()).filter(|h| !h.is_empty()),
-                    ..Event::default()
-                }),
-                count,
-            },
-        })
-    }
-
     /// Takes in how a call went: a success records what the API has; a patch of an Event that
     /// is gone (expired) recreates it; other failures retry with backoff, then give up.
     pub fn finished(&mut self, sent: Sent, now: Instant) {
@@ -467,7 +320,7 @@ impl Correlator {
                 series.failures = 0;
                 self.outcomes.updated.inc();
             }
-            (Call::Patch { .. }, Err(e)) if super::status_code(&e) == Some(404) => {
+            (Call::Patch { .. }, Err(e)) if crate::kubernetes::status_code(&e) == Some(404) => {
                 series.object = None;
                 series.sent = 0;
             }
@@ -486,23 +339,4 @@ impl Correlator {
         }
         self.enqueue(key);
     }
-}
-
-fn timestamp(t: SystemTime) -> Timestamp {
-    Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH)
-}
-
-/// `<pod>.<nanoseconds in hex>`, as the kubelet names its Events (the pod's name shortened so
-/// that the whole stays a valid object name); `attempt` makes a retried create's name new.
-fn event_name(pod: &str, at: SystemTime, attempt: u32) -> String {
-    let nanos = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
-        + u128::from(attempt);
-    let mut end = pod.len().min(253 - 1 - 32);
-    while !pod.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}.{nanos:x}", &pod[..end])
 }
