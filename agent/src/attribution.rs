@@ -10,10 +10,12 @@
 //! pod all share one allowance.
 //!
 //! Parts: `caller` (what the agent knows of a peer, and whose allowance it spends), `open` (the
-//! per-pod cap on open connections), `tests`.
+//! per-pod cap on open connections), `scope` (which of a pod's containers may have its
+//! credentials), `tests`.
 
 mod caller;
 mod open;
+pub mod scope;
 
 pub use caller::{Caller, PodKey};
 use open::{ConnectionSlot, OpenConnections};
@@ -295,6 +297,13 @@ impl Attribution {
             }
             _ => None,
         }
+    }
+
+    /// Whether a caller in this place under its pod's list of containers is refused: only under
+    /// `enforce`, and only a pod that lists containers (`audit` records the place, no more).
+    pub fn refuses(&self, scope: &scope::Scope) -> bool {
+        self.binding == TokenBinding::Enforce
+            && matches!(scope, scope::Scope::Unlisted(_) | scope::Scope::Pending)
     }
 
     /// Takes one request from the allowance of the caller's pod (as the kernel placed it; all

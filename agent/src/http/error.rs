@@ -32,6 +32,14 @@ pub enum RequestError {
     Validation(#[from] ValidationError),
     #[error("token binding: {0}")]
     Binding(String),
+    /// The caller's container is not among those its pod lists (per-container scoping).
+    #[error("container scoping: {0}")]
+    ContainerNotAllowed(String),
+    /// The pod lists containers, and the caller's is not in the pod's status yet.
+    #[error(
+        "container scoping: the caller's container is not in the pod's status yet; retry shortly"
+    )]
+    ContainerPending,
     #[error("{0}")]
     Upstream(Arc<UpstreamError>),
     /// The token's call to EKS Auth could not be made before the request's deadline (EKS Auth's
@@ -79,7 +87,11 @@ impl RequestError {
         match self {
             RequestError::NotFound => StatusCode::NOT_FOUND,
             RequestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RequestError::ForbiddenHost | RequestError::Binding(_) => StatusCode::FORBIDDEN,
+            RequestError::ForbiddenHost
+            | RequestError::Binding(_)
+            | RequestError::ContainerNotAllowed(_) => StatusCode::FORBIDDEN,
+            // The pod view learns the container's name within moments of its start.
+            RequestError::ContainerPending => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Throttled
             | RequestError::PodThrottled { .. }
             | RequestError::Queued { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -115,6 +127,9 @@ impl RequestError {
             RequestError::Token(_) => RefusalKind::Token,
             RequestError::Validation(_) => RefusalKind::Validation,
             RequestError::Binding(_) => RefusalKind::Binding,
+            RequestError::ContainerNotAllowed(_) | RequestError::ContainerPending => {
+                RefusalKind::ContainerScope
+            }
             RequestError::Upstream(_) => RefusalKind::Upstream,
             RequestError::Queued { .. } => RefusalKind::Queued,
         }
@@ -128,7 +143,7 @@ impl RequestError {
             RequestError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
             }
-            RequestError::Throttled => {
+            RequestError::Throttled | RequestError::ContainerPending => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             RequestError::PodThrottled { retry_after }
@@ -158,6 +173,7 @@ pub enum RefusalKind {
     Token,
     Validation,
     Binding,
+    ContainerScope,
     Upstream,
     Queued,
 }
