@@ -18,11 +18,12 @@
 //! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness, and
 //! the metrics port), [`capabilities`] (given up once the server is set up),
 //! [`kubernetes`] (the startup taint and Events on pods, only when switched on),
-//! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
+//! [`shutdown`], [`go_runner`] (the image's entrypoint), [`backoff`] (the one retry policy), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
 pub mod audit;
 pub mod audit_who;
+pub mod backoff;
 pub mod capabilities;
 pub mod cgroup;
 pub mod cli;

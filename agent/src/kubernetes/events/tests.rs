@@ -68,7 +68,7 @@ fn start(api: FakeApi, capacity: usize, names: PodNames) -> Harness {
             host: "ip-10-0-0-1".into(),
         },
         names,
-        (Duration::from_secs(1), Duration::from_secs(30)),
+        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         ApiErrors::new(&metrics.kubernetes_api_errors),
         shutdown.clone(),
     ));
@@ -278,7 +278,7 @@ fn series_are_bounded() {
     };
     let mut c = Correlator::new(
         limits,
-        (Duration::from_secs(1), Duration::from_secs(30)),
+        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         Reporter {
             host: String::new(),
         },
