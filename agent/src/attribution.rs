@@ -161,7 +161,7 @@ impl Attribution {
     /// reason (`no kernel record of the connection`, 403 under `enforce`) rather than closed in
     /// silence behind whoever fills the unplaced callers' slots. The kernel's own caps bound how
     /// many there can be, and the listener's connection cap and header timeout how long they stay.
-    pub async fn admit(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
+    pub async fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
         let caller = self.identify(peer, local).await;
         let unrecorded = self.callers.is_some() && caller.process.is_none();
         let slot = match &self.open {
@@ -182,11 +182,11 @@ impl Attribution {
         })
     }
 
-    /// The caller of an accepted connection: takes the kernel's record of it and resolves its
+    /// The caller of an accepted connection: looks up the kernel's record of it and resolves its
     /// cgroup. A cgroup not seen before means walking the cgroup tree: done on the blocking pool,
     /// and without holding up callers whose cgroup is known.
     pub async fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
-        let process = self.callers.as_ref().and_then(|c| c.take(peer, local));
+        let process = self.callers.as_ref().and_then(|c| c.lookup(peer, local));
         let cgroup = match (&process, &self.resolver) {
             (Some(p), Some(resolver)) => match resolver.cached(p.cgroup_id) {
                 Cached::Known(info) => Some(info),

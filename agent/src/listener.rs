@@ -1,7 +1,7 @@
 //! Listeners: bind, listen, accept, serve HTTP/1 connections, and drain them on shutdown.
 //!
 //! Mechanism only: what a request gets is the handler's business ([`crate::http`]), and who the
-//! peer is — and whether its connection is kept at all — the `admit` function's
+//! peer is — and whether its connection is kept at all — the `identify` function's
 //! ([`crate::attribution`]).
 //!
 //! Binding and listening are two steps ([`bind`], then [`Bound::listen`]): a bound socket that
@@ -157,12 +157,12 @@ pub fn http1_builder() -> http1::Builder {
 /// Serves `listener` until `shutdown` is cancelled, then waits up to `drain` for open
 /// connections to finish their requests.
 ///
-/// `admit` runs once per connection, in the connection's own task, with the peer and local
+/// `identify` runs once per connection, in the connection's own task, with the peer and local
 /// addresses; `None` closes the connection at once. `handle` runs once per request with what
-/// `admit` returned, which lives as long as the connection.
+/// `identify` returned, which lives as long as the connection.
 pub async fn serve<C, I, IF, H, F>(
     listener: TcpListener,
-    admit: I,
+    identify: I,
     handle: H,
     accepting: Accepting,
     shutdown: CancellationToken,
@@ -199,11 +199,11 @@ pub async fn serve<C, I, IF, H, F>(
             },
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        let admitted = admit(peer, local);
+        let identified = identify(peer, local);
         let handle = handle.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let Some(context) = admitted.await else {
+            let Some(context) = identified.await else {
                 // Dropping the stream closes it, and the permit frees the slot.
                 return;
             };

@@ -2,7 +2,7 @@
 //! pod's credentials ([`Scope`]). The pod lists the containers that may in its annotation
 //! `eks-pod-identity-agent.amazonaws.com/containers` (read by the pod view into
 //! [`AllowedContainers`]); the container's name is the pod view's, for the runtime id in the
-//! caller's cgroup. Plain data and a comparison: [`super::Attribution::scope_refusal`] applies the
+//! caller's cgroup. Plain data and a comparison: [`super::Attribution::refuses`] applies the
 //! policy (`--token-binding`).
 //!
 //! A pod the view does not know, or one without the annotation, is unscoped: behaviour as before.

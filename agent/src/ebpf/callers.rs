@@ -57,7 +57,7 @@ impl Callers {
     /// `local` the server's local address. IPv4 addresses are mapped the way the eBPF side maps
     /// them. One lookup, no lock. The record stays in the map until the kernel sees the
     /// connection end: a later connection on the same 4-tuple gets its own record.
-    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Caller> {
+    pub fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<Caller> {
         let key = conn_key(peer, local);
         let record = match self.by_conn.get(&key, 0) {
             Ok(record) => record,

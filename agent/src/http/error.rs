@@ -204,7 +204,7 @@ impl RefusalLog {
 
     /// Whether to log this refusal now; if so, how many of its kind were not logged since the
     /// last line.
-    pub fn admit(&self, kind: RefusalKind) -> Option<u64> {
+    pub fn sample(&self, kind: RefusalKind) -> Option<u64> {
         let now = tokio::time::Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
         let window = &mut kinds[kind as usize];
@@ -319,14 +319,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refusal_logs_are_rate_limited_per_kind_and_count_what_they_left_out() {
         let log = RefusalLog::new(Duration::from_secs(10));
-        assert_eq!(log.admit(RefusalKind::Token), Some(0));
+        assert_eq!(log.sample(RefusalKind::Token), Some(0));
         for _ in 0..5 {
-            assert_eq!(log.admit(RefusalKind::Token), None);
+            assert_eq!(log.sample(RefusalKind::Token), None);
         }
         // Another kind has its own window.
-        assert_eq!(log.admit(RefusalKind::Binding), Some(0));
+        assert_eq!(log.sample(RefusalKind::Binding), Some(0));
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(log.admit(RefusalKind::Token), Some(5));
-        assert_eq!(log.admit(RefusalKind::Token), None);
+        assert_eq!(log.sample(RefusalKind::Token), Some(5));
+        assert_eq!(log.sample(RefusalKind::Token), None);
     }
 }

@@ -173,7 +173,7 @@ impl<R: Retriever> Endpoint<R> {
             }
             // Refusals come in bursts: one line per kind per period, with what was left out.
             if let Err(e) = &result
-                && let Some(suppressed) = self.refusals.admit(e.kind())
+                && let Some(suppressed) = self.refusals.sample(e.kind())
             {
                 tracing::info!(peer = %caller.peer, status, reason = %e, suppressed, "credential request refused");
             }

@@ -166,7 +166,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             l,
             move |peer, local| {
                 let attribution = attribution.clone();
-                async move { attribution.admit(peer, local).await }
+                async move { attribution.attribute(peer, local).await }
             },
             move |req, connection| {
                 let endpoint = endpoint.clone();
