@@ -4,7 +4,8 @@
 //! pod with its containerStatuses) names it. Under `--token-binding enforce` the other
 //! containers (a sidecar, an ephemeral debug container, a process in no container) are refused,
 //! a container the pod's status does not list yet is told to retry, and the refusal holds while
-//! the API server is away. Under `audit` they are served and recorded.
+//! the API server is away; an Event on the pod names the container. Under `audit` they are served
+//! and recorded.
 //!
 //! Needs root, cgroup v2, eBPF, python3 with botocore, and the agent binary.
 
@@ -98,8 +99,8 @@ fn under_enforce_only_the_listed_containers_of_a_pod_get_its_credentials() {
     let api = fake_kube_api::start_in(node.netns()).unwrap();
     api.add_pod(served(&node, &web, Some("app")));
     let audit = node.dir().join("audit.log");
-    let agent =
-        AgentProcess::start(&node, &fake, scope_args(&node, &api, &audit, "enforce")).unwrap();
+    let args = scope_args(&node, &api, &audit, "enforce").args(["--pod-events"]);
+    let agent = AgentProcess::start(&node, &fake, args).unwrap();
     synced(&agent, 1.0);
     web.refresh_token(&fake).unwrap();
 
@@ -129,6 +130,32 @@ fn under_enforce_only_the_listed_containers_of_a_pod_get_its_credentials() {
     assert!(
         refused.is_err(),
         "the sidecar's SDK got credentials: {refused:?}"
+    );
+    // An Event on the pod says which container and why, with the pod view's names.
+    let mut event = None;
+    let posted = e2e::wait_for(Duration::from_secs(10), || {
+        event = api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "PodIdentityContainerNotListed");
+        event.is_some()
+    });
+    assert!(posted, "no Event: {:#?}", api.events());
+    let event = event.unwrap();
+    assert_eq!(event["involvedObject"]["uid"], web.uid.as_str(), "{event}");
+    assert_eq!(
+        event["involvedObject"]["name"],
+        web.name.as_str(),
+        "{event}"
+    );
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Container istio-proxy of this pod"),
+        "{message}"
+    );
+    assert!(
+        message.contains("refused (--token-binding enforce)"),
+        "{message}"
     );
 
     // A sidecar that can write its cgroupfs nests a cgroup named like the app's container below

@@ -184,6 +184,9 @@ impl<R: Retriever> Endpoint<R> {
                     exchange.claims.as_deref(),
                     caller,
                 )
+                .or_else(|| {
+                    observe::scope_observation(result.as_ref().map(drop), &exchange.scope, caller)
+                })
             {
                 recorder.record(observation);
             }
