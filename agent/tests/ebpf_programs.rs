@@ -474,7 +474,7 @@ fn records_the_caller_of_v4_v6_and_v4_mapped_connects() {
         assert_eq!(caller.pid, pid, "{dest:?}");
         assert_eq!(caller.tid, pid, "single-threaded client: {dest:?}");
         assert_eq!(caller.uid, 0, "{dest:?}");
-        assert_eq!(caller.comm, "python3", "{dest:?}");
+        assert_eq!(&*caller.comm, "python3", "{dest:?}");
         assert_ne!(caller.netns_cookie, 0, "{dest:?}");
     }
 

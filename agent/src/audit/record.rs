@@ -93,7 +93,7 @@ impl AuditEvent {
                 pod_uid: pod.map(|p| p.pod_uid.to_string()),
                 container_id: pod.and_then(|p| p.container_id.clone()),
                 pid: process.map(|p| p.pid),
-                comm: process.map(|p| p.comm.clone()),
+                comm: process.map(|p| p.comm.to_string()),
             },
             pod: self.pod.as_ref().map(|viewed| PodRecord {
                 namespace: viewed.pod.namespace.to_string(),
