@@ -157,6 +157,26 @@ pub fn http1_builder() -> http1::Builder {
 /// Serves `listener` until `shutdown` is cancelled, then waits up to `drain` for open
 /// connections to finish their requests.
 ///
+/// The next connection, or `None` at shutdown. A failed `accept()` (out of file descriptors and
+/// the like) is logged and waited out briefly rather than retried in a spin.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// `identify` runs once per connection, in the connection's own task, with the peer and local
 /// addresses; `None` closes the connection at once. `handle` runs once per request with what
 /// `identify` returned, which lives as long as the connection.
@@ -186,17 +206,8 @@ pub async fn serve<C, I, IF, H, F>(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept(&listener, &shutdown).await else {
+            break;
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         let identified = identify(peer, local);

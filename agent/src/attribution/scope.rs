@@ -92,29 +92,12 @@ impl Scope {
 mod tests {
     use super::*;
     use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
-    use crate::kubernetes::pod_view::Container;
 
     const APP: &str = "4f1c0e7d9a2b";
     const SIDECAR: &str = "63fc2f5ea961";
 
     fn pod(annotation: Option<&str>) -> PodInfo {
-        PodInfo {
-            namespace: "shop".into(),
-            name: "cart".into(),
-            service_account: "cart".into(),
-            annotations: Vec::new(),
-            containers: vec![
-                Container {
-                    id: APP.into(),
-                    name: "app".into(),
-                },
-                Container {
-                    id: SIDECAR.into(),
-                    name: "istio-proxy".into(),
-                },
-            ],
-            allowed_containers: annotation.map(AllowedContainers::parse),
-        }
+        PodInfo::app_and_sidecar(APP, SIDECAR, annotation)
     }
 
     /// A process the kernel placed in the container `id` of the pod (`None`: in the pod's own

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::cgroup::{CgroupInfo, PodCgroup, Qos};
-use crate::kubernetes::pod_view::{AllowedContainers, Container};
 
 const APP: &str = "4f1c0e7d9a2b";
 const SIDECAR: &str = "63fc2f5ea961";
@@ -14,23 +13,7 @@ const SIDECAR: &str = "63fc2f5ea961";
 /// annotation `annotation`.
 fn view(annotation: Option<&str>) -> PodView {
     let view = PodView::new();
-    let pod = PodInfo {
-        namespace: "shop".into(),
-        name: "cart".into(),
-        service_account: "cart".into(),
-        annotations: Vec::new(),
-        containers: vec![
-            Container {
-                id: APP.into(),
-                name: "app".into(),
-            },
-            Container {
-                id: SIDECAR.into(),
-                name: "istio-proxy".into(),
-            },
-        ],
-        allowed_containers: annotation.map(AllowedContainers::parse),
-    };
+    let pod = PodInfo::app_and_sidecar(APP, SIDECAR, annotation);
     view.publish(HashMap::from([(Arc::from(POD), Arc::new(pod))]));
     view
 }

@@ -40,6 +40,31 @@ pub struct PodInfo {
     pub allowed_containers: Option<AllowedContainers>,
 }
 
+#[cfg(test)]
+impl PodInfo {
+    /// The pod `shop/cart` (service account `cart`) with containers `app` and `istio-proxy` of
+    /// these runtime ids, and the containers annotation when given (unit tests of scoping).
+    pub(crate) fn app_and_sidecar(app: &str, sidecar: &str, annotation: Option<&str>) -> Self {
+        PodInfo {
+            namespace: "shop".into(),
+            name: "cart".into(),
+            service_account: "cart".into(),
+            annotations: Vec::new(),
+            containers: vec![
+                Container {
+                    id: app.into(),
+                    name: "app".into(),
+                },
+                Container {
+                    id: sidecar.into(),
+                    name: "istio-proxy".into(),
+                },
+            ],
+            allowed_containers: annotation.map(AllowedContainers::parse),
+        }
+    }
+}
+
 /// The pod's [`CONTAINERS_ANNOTATION`], read once when the pod is watched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllowedContainers {
