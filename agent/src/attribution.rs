@@ -22,18 +22,16 @@ use open::{ConnectionSlot, OpenConnections};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::IntCounter;
 
 use crate::cgroup::{Cached, CgroupResolver};
 use crate::config::{RateLimit, TokenBinding};
 use crate::credentials::cache::{Entry, KeepPredicate};
 use crate::ebpf::Callers;
+use crate::limiter::KeyedLimiter;
 use crate::token::Claims;
 
 /// Most pods with a request allowance in memory. Far above any node's pod count; past it (only
@@ -103,7 +101,7 @@ pub struct Attribution {
     resolver: Option<Arc<CgroupResolver>>,
     binding: TokenBinding,
     node_name: Option<String>,
-    pod_limit: Option<DefaultKeyedRateLimiter<PodKey>>,
+    pod_limit: Option<KeyedLimiter<PodKey>>,
     open: Option<Arc<OpenConnections>>,
     /// Connections closed at once because their pod held its maximum.
     connections_refused: IntCounter,
@@ -124,10 +122,7 @@ impl Attribution {
         policy: Policy,
         connections_refused: IntCounter,
     ) -> Self {
-        let pod_limit = NonZeroU32::new(policy.pod_request.per_second).map(|rate| {
-            let burst = NonZeroU32::new(policy.pod_request.burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+        let pod_limit = KeyedLimiter::new(policy.pod_request);
         let open = (policy.pod_max_connections > 0).then(|| {
             Arc::new(OpenConnections {
                 limit: policy.pod_max_connections as usize,
@@ -316,17 +311,14 @@ impl Attribution {
         if limit.len() >= MAX_LIMITED_PODS {
             key = PodKey::Unplaced;
         }
-        limit
-            .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        limit.check(&key)
     }
 
     /// Forgets the request allowances of pods idle long enough to have refilled them: call it
     /// now and then, off the request path.
     pub fn prune(&self) {
         if let Some(limit) = &self.pod_limit {
-            limit.retain_recent();
-            limit.shrink_to_fit();
+            limit.prune();
         }
     }
 

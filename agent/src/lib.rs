@@ -25,7 +25,7 @@
 //! - **pod key**: whose allowance a caller spends: the pod the kernel placed it in, or one key
 //!   for every caller placed in no pod ([`attribution::PodKey`]); never what a token claims.
 //! - **limiter**: a per-pod or node-wide cap: open connections and connects (in the kernel),
-//!   requests per second (here). A limiter refuses; it never queues.
+//!   requests per second ([`limiter`]). A limiter refuses; it never queues.
 //! - **admission**: the queue and pace of calls to EKS Auth ([`credentials::admission`]): pods'
 //!   first requests before renewals, each pod in its own queue. Only that.
 //! - **binding**: comparing a token's pod and node claims with the caller's pod
@@ -56,6 +56,7 @@ pub mod ebpf;
 pub mod go_runner;
 pub mod http;
 pub mod kubernetes;
+pub mod limiter;
 pub mod listener;
 pub mod metrics;
 pub mod netlink;

@@ -13,7 +13,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
 
@@ -27,6 +26,7 @@ use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::EventRecorder;
 use crate::kubernetes::pod_view::{PodInfo, PodView, ViewedPod};
+use crate::limiter::Limiter;
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::proof::Proof;
 use crate::token::{Claims, TokenError};
@@ -59,7 +59,7 @@ struct Exchange {
 pub struct Endpoint<R> {
     cache: CredentialCache<R>,
     hosts: Vec<IpAddr>,
-    global_limit: Option<DefaultDirectRateLimiter>,
+    global_limit: Option<Limiter>,
     attribution: Arc<Attribution>,
     audit: Option<AuditLog>,
     metrics: Metrics,
@@ -88,10 +88,7 @@ impl<R: Retriever> Endpoint<R> {
         namespaces: Arc<NamespaceLabels>,
         clock: Clock,
     ) -> Self {
-        let global_limit = std::num::NonZeroU32::new(global_rate.per_second).map(|rate| {
-            let burst = std::num::NonZeroU32::new(global_rate.burst).unwrap_or(rate);
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-        });
+        let global_limit = Limiter::new(global_rate);
         Endpoint {
             cache,
             hosts,
