@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the agent under load in a simulated node, side by side with nginx
 //! (`tests/src/bin/bench.rs`, which writes BENCHMARKS.md), then the cost of a new token's
-//! signature check (`agent/benches/signature.rs`, criterion), appended to it.
+//! signature check and of the pod view per request (`agent/benches/signature.rs`,
+//! `agent/benches/pod_view.rs`, criterion), appended to it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -50,15 +51,42 @@ pub fn run(seconds: u64) -> Result<()> {
             "eks-pod-identity-agent",
             "--bench",
             "signature",
+            "--bench",
+            "pod_view",
         ],
         &[],
     )?;
-    let section = signature_section(&criterion)?;
+    let section = signature_section(&criterion.join("new token"))?
+        + &pod_view_section(&criterion.join("pod view"))?;
     let mut text = std::fs::read_to_string(&out)?;
     text.push_str(&section);
     std::fs::write(&out, text)?;
     println!("{section}");
     Ok(())
+}
+
+/// BENCHMARKS.md's section on the pod view's cost per request, from criterion's estimates.
+fn pod_view_section(dir: &Path) -> Result<String> {
+    let mut estimates = Vec::new();
+    collect(dir, &mut estimates)?;
+    if estimates.is_empty() {
+        bail!("criterion wrote no estimates under {}", dir.display());
+    }
+    estimates.sort_by(|a, b| a.median_ns.total_cmp(&b.median_ns));
+    let mut s = String::from(
+        "\nThe pod view's cost per request (criterion, `agent/benches/pod_view.rs`, one core): finding the caller's pod \
+         by the UID the kernel saw, placing its container under the pod's list of containers, and comparing the \
+         token's claims with the pod, for every credential request while `--pod-view` is on.\n\n\
+         | work | median | 95% interval |\n|---|---:|---:|\n",
+    );
+    for e in &estimates {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} ns | {:.0}–{:.0} ns |",
+            e.title, e.median_ns, e.low_ns, e.high_ns
+        );
+    }
+    Ok(s)
 }
 
 /// One benchmark's median, from criterion's files.

@@ -45,6 +45,14 @@ impl PodView {
         PodView::default()
     }
 
+    /// A view holding `pods` (benchmarks; the task fills a running agent's).
+    #[doc(hidden)]
+    pub fn with_pods(pods: Pods) -> Self {
+        let view = PodView::new();
+        view.publish(pods);
+        view
+    }
+
     /// The pod with this UID, if the view has it.
     pub fn get(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.pods.load().get(uid).cloned()
