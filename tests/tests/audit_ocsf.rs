@@ -210,6 +210,7 @@ fn ocsf_records_validate_and_name_the_caller_role_key_and_node() {
     // No credentials for it: the token's claimed subject is the user.
     assert_eq!(no["user"]["uid"], "system:serviceaccount:shop:web-sa");
     assert!(no.get("session").is_none(), "{no}");
+    let allowed_pid = allowed.pid;
     allowed.finish();
     refused.finish();
 
@@ -236,7 +237,7 @@ fn ocsf_records_validate_and_name_the_caller_role_key_and_node() {
         serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
     assert_eq!(found["container"], "app", "{found}");
     assert_eq!(found["pod_name"], "web-0");
-    assert_eq!(found["pid"], allowed.pid);
+    assert_eq!(found["pid"], allowed_pid);
 }
 
 #[test]
