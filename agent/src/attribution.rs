@@ -10,10 +10,12 @@
 //! pod all share one allowance.
 //!
 //! Parts: `caller` (what the agent knows of a peer, and whose allowance it spends), `open` (the
-//! per-pod cap on open connections), `tests`.
+//! per-pod cap on open connections), `scope` (which of a pod's containers may have its
+//! credentials), `tests`.
 
 mod caller;
 mod open;
+pub mod scope;
 
 pub use caller::{Caller, PodKey};
 use open::{ConnectionSlot, OpenConnections};
@@ -159,7 +161,7 @@ impl Attribution {
     /// reason (`no kernel record of the connection`, 403 under `enforce`) rather than closed in
     /// silence behind whoever fills the unplaced callers' slots. The kernel's own caps bound how
     /// many there can be, and the listener's connection cap and header timeout how long they stay.
-    pub async fn admit(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
+    pub async fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<Connection> {
         let caller = self.identify(peer, local).await;
         let unrecorded = self.callers.is_some() && caller.process.is_none();
         let slot = match &self.open {
@@ -180,11 +182,11 @@ impl Attribution {
         })
     }
 
-    /// The caller of an accepted connection: takes the kernel's record of it and resolves its
+    /// The caller of an accepted connection: looks up the kernel's record of it and resolves its
     /// cgroup. A cgroup not seen before means walking the cgroup tree: done on the blocking pool,
     /// and without holding up callers whose cgroup is known.
     pub async fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
-        let process = self.callers.as_ref().and_then(|c| c.take(peer, local));
+        let process = self.callers.as_ref().and_then(|c| c.lookup(peer, local));
         let cgroup = match (&process, &self.resolver) {
             (Some(p), Some(resolver)) => match resolver.cached(p.cgroup_id) {
                 Cached::Known(info) => Some(info),
@@ -295,6 +297,13 @@ impl Attribution {
             }
             _ => None,
         }
+    }
+
+    /// Whether a caller in this place under its pod's list of containers is refused: only under
+    /// `enforce`, and only a pod that lists containers (`audit` records the place, no more).
+    pub fn refuses(&self, scope: &scope::Scope) -> bool {
+        self.binding == TokenBinding::Enforce
+            && matches!(scope, scope::Scope::Unlisted(_) | scope::Scope::Pending)
     }
 
     /// Takes one request from the allowance of the caller's pod (as the kernel placed it; all

@@ -3,6 +3,7 @@
 //! Runtime things (the metrics registry, the shutdown signal, the eBPF programs) are not here:
 //! they are made by [`crate::server::run`] and passed to the parts that need them.
 
+use crate::backoff::Backoff;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,8 +60,8 @@ pub struct CacheConfig {
     /// Renewals are spread over up to this much time earlier than due, so that entries cached
     /// together are not renewed together.
     pub renewal_jitter: Duration,
-    /// First and longest wait between retries of a renewal that failed transiently.
-    pub retry_backoff: (Duration, Duration),
+    /// The wait between retries of a renewal that failed transiently.
+    pub retry_backoff: Backoff,
     /// How calls to EKS Auth are paced, and how long a pod's first request waits for one.
     pub admission: AdmissionConfig,
 }
@@ -142,7 +143,7 @@ impl Default for CacheConfig {
             min_remaining: Duration::from_secs(15),
             renewals_per_second: 3,
             renewal_jitter: Duration::from_secs(5 * 60),
-            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             admission: AdmissionConfig::default(),
         }
     }
@@ -298,9 +299,9 @@ pub struct KubernetesConfig {
     pub pod_events: bool,
     /// Deadline of one API call.
     pub call_timeout: Duration,
-    /// First and longest wait between attempts when the API fails (the startup taint, and Events
-    /// that could not be sent).
-    pub retry_backoff: (Duration, Duration),
+    /// The wait between attempts when the API fails (the startup taint, and Events that could
+    /// not be sent).
+    pub retry_backoff: Backoff,
     /// Room in the queue between the request path and the Events task; beyond it observations
     /// are dropped and counted.
     pub event_queue: usize,

@@ -4,7 +4,7 @@
 //!
 //! The programs (`agent-ebpf`, whose header tells their story) record who called `connect()` to the
 //! agent, keyed by the connection's 4-tuple and stamped with the client socket's and network
-//! namespace's cookies; [`Callers::take`] reads that record once the agent has accepted the
+//! namespace's cookies; [`Callers::lookup`] reads that record once the agent has accepted the
 //! connection. Addresses in the key are always IPv6, IPv4 as v4-mapped, on both sides.
 //!
 //! Parts: `attach` (load-time steps), `sizes` (map sizes from the pod count and cap), `counters`

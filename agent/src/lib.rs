@@ -15,14 +15,37 @@
 //! - [`audit`] and [`metrics`]: what happened, for security teams and for Prometheus;
 //!   [`audit_who`] answers from the audit log which pod and process got an access key.
 //!
+//! Words used throughout, one meaning each:
+//!
+//! - **caller**: who made a connection, as the kernel saw it: the process that called `connect()`,
+//!   its cgroup, and the pod and container that cgroup belongs to ([`attribution::Caller`]).
+//! - **record**: the eBPF programs' note of one connection, made at `connect()` and looked up
+//!   after `accept()` by its 4-tuple ([`ebpf::Callers::lookup`]); deleted when the connection
+//!   ends, by the socket that made it.
+//! - **pod key**: whose allowance a caller spends: the pod the kernel placed it in, or one key
+//!   for every caller placed in no pod ([`attribution::PodKey`]); never what a token claims.
+//! - **limiter**: a per-pod or node-wide cap: open connections and connects (in the kernel),
+//!   requests per second (here). A limiter refuses; it never queues.
+//! - **admission**: the queue and pace of calls to EKS Auth ([`credentials::admission`]): pods'
+//!   first requests before renewals, each pod in its own queue. Only that.
+//! - **binding**: comparing a token's pod and node claims with the caller's pod
+//!   ([`attribution::Binding`]); refused under `--token-binding enforce`.
+//! - **scope**: which containers of a pod may receive its credentials (the pod's annotation,
+//!   [`attribution::scope`]).
+//! - **proof**: what vouched for a caller's identity: the kernel (binding), a signature, EKS Auth
+//!   ([`proof::Proof`]).
+//! - **pod view**: this node's pods as the API server has them ([`kubernetes::pod_view`]): the
+//!   names of the pod UIDs and container ids the kernel reports.
+//!
 //! Beside them: [`netlink`] (the `initialize` subcommand), [`probes`] (health and readiness, and
 //! the metrics port), [`capabilities`] (given up once the server is set up),
 //! [`kubernetes`] (the startup taint and Events on pods, only when switched on),
-//! [`shutdown`], [`go_runner`] (the image's entrypoint), and [`config`] (plain data, built by the command line in `main.rs`).
+//! [`shutdown`], [`go_runner`] (the image's entrypoint), [`backoff`] (the one retry policy), and [`config`] (plain data, built by the command line in `main.rs`).
 
 pub mod attribution;
 pub mod audit;
 pub mod audit_who;
+pub mod backoff;
 pub mod capabilities;
 pub mod cgroup;
 pub mod cli;

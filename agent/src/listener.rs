@@ -1,7 +1,7 @@
 //! Listeners: bind, listen, accept, serve HTTP/1 connections, and drain them on shutdown.
 //!
 //! Mechanism only: what a request gets is the handler's business ([`crate::http`]), and who the
-//! peer is — and whether its connection is kept at all — the `admit` function's
+//! peer is — and whether its connection is kept at all — the `identify` function's
 //! ([`crate::attribution`]).
 //!
 //! Binding and listening are two steps ([`bind`], then [`Bound::listen`]): a bound socket that
@@ -157,12 +157,32 @@ pub fn http1_builder() -> http1::Builder {
 /// Serves `listener` until `shutdown` is cancelled, then waits up to `drain` for open
 /// connections to finish their requests.
 ///
-/// `admit` runs once per connection, in the connection's own task, with the peer and local
+/// The next connection, or `None` at shutdown. A failed `accept()` (out of file descriptors and
+/// the like) is logged and waited out briefly rather than retried in a spin.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// `identify` runs once per connection, in the connection's own task, with the peer and local
 /// addresses; `None` closes the connection at once. `handle` runs once per request with what
-/// `admit` returned, which lives as long as the connection.
+/// `identify` returned, which lives as long as the connection.
 pub async fn serve<C, I, IF, H, F>(
     listener: TcpListener,
-    admit: I,
+    identify: I,
     handle: H,
     accepting: Accepting,
     shutdown: CancellationToken,
@@ -186,24 +206,15 @@ pub async fn serve<C, I, IF, H, F>(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept(&listener, &shutdown).await else {
+            break;
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        let admitted = admit(peer, local);
+        let identified = identify(peer, local);
         let handle = handle.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let Some(context) = admitted.await else {
+            let Some(context) = identified.await else {
                 // Dropping the stream closes it, and the permit frees the slot.
                 return;
             };

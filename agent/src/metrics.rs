@@ -117,6 +117,9 @@ pub struct Metrics {
     /// Requests whose token names another pod, namespace or service account than the pod view
     /// has for the pod the kernel placed the caller in.
     pub pod_view_token_mismatch: IntCounter,
+    /// Requests from pods that list their containers, by `result`: listed, unlisted, pending
+    /// (see [`crate::attribution::scope::Scope`]).
+    pub container_scope: IntCounterVec,
 }
 
 /// Why the registry could not be built (a programming error: names and labels are constants).
@@ -334,6 +337,11 @@ impl Metrics {
                 "pod_identity_pod_view_errors_total",
                 "Failed lists and watches of this node's pods, by reason: forbidden (no RBAC for pods), expired (410 Gone: listed again), unavailable (any other failure, retried with backoff).",
                 &["reason"],
+            )?,
+            container_scope: counter_vec(
+                "pod_identity_container_scope_total",
+                "Credential requests from pods that list the containers allowed their credentials (annotation eks-pod-identity-agent.amazonaws.com/containers), by result: listed, unlisted (refused under --token-binding enforce), pending (the container not in the pod's status yet; 503 under enforce).",
+                &["result"],
             )?,
             pod_view_left_out,
             pod_view_token_mismatch,

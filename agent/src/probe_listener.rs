@@ -27,7 +27,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::BindError;
+use crate::listener::{self, BindError};
 use crate::probes::Probes;
 
 /// How much a probe or metrics listener gives its clients.
@@ -125,16 +125,8 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     let mut seq = 0u64;
     loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = listener::accept(&listener, &shutdown).await else {
+            break;
         };
         if connections.open.load(Ordering::Relaxed) >= limits.max_connections {
             // Room is made, or comes: answers end within their timeout, and connections not

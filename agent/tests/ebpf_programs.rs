@@ -428,7 +428,7 @@ fn counters_of(programs: &Programs, cgroup: &Path) -> Option<ConnectCounters> {
         .map(|(_, c)| c)
 }
 
-/// Connect once from `cgroup`, accept on `listener`, and return what `Callers::take` says. Then
+/// Connect once from `cgroup`, accept on `listener`, and return what `Callers::lookup` says. Then
 /// the connection ends, and its record with it.
 fn connect_and_take(
     node: &Node,
@@ -441,13 +441,13 @@ fn connect_and_take(
     let pid = client.child.id();
     let (stream, peer) = accept(listener);
     let local = stream.local_addr().expect("local addr");
-    let caller = callers.take(peer, local);
+    let caller = callers.lookup(peer, local);
     assert_eq!(client.outcomes(1), ["ok"]);
     drop(stream);
     client.finish();
     // The client closed its socket: the kernel deleted the record.
     eventually("record released after close", || {
-        callers.take(peer, local).is_none()
+        callers.lookup(peer, local).is_none()
     });
     (pid, caller)
 }
@@ -474,7 +474,7 @@ fn records_the_caller_of_v4_v6_and_v4_mapped_connects() {
         assert_eq!(caller.pid, pid, "{dest:?}");
         assert_eq!(caller.tid, pid, "single-threaded client: {dest:?}");
         assert_eq!(caller.uid, 0, "{dest:?}");
-        assert_eq!(caller.comm, "python3", "{dest:?}");
+        assert_eq!(&*caller.comm, "python3", "{dest:?}");
         assert_ne!(caller.netns_cookie, 0, "{dest:?}");
     }
 
@@ -644,18 +644,18 @@ fn a_record_never_outlives_its_connection_nor_its_ttl() {
     thread::sleep(Duration::from_millis(300));
     let short = callers.clone().with_ttl(Duration::from_millis(100));
     assert_eq!(
-        short.take(peer, local),
+        short.lookup(peer, local),
         None,
         "a stale record is not handed out"
     );
     assert!(
-        callers.take(peer, local).is_some(),
+        callers.lookup(peer, local).is_some(),
         "within the default TTL"
     );
     assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(1));
     client.finish();
     drop(stream);
-    eventually("record released", || callers.take(peer, local).is_none());
+    eventually("record released", || callers.lookup(peer, local).is_none());
 
     // Closed before the agent accepted it: released at close(), before the handshake's end is
     // even done, so a later connection on the same 4-tuple cannot inherit it.
@@ -668,10 +668,10 @@ fn a_record_never_outlives_its_connection_nor_its_ttl() {
     client.finish();
     let peer = SocketAddr::from((AGENT_V4, port));
     let local = SocketAddr::from((AGENT_V4, l.port));
-    assert_eq!(callers.take(peer, local), None, "released at close");
+    assert_eq!(callers.lookup(peer, local), None, "released at close");
     let (stream, accepted_peer) = accept(&l.v4);
     assert_eq!(accepted_peer, peer);
-    assert_eq!(callers.take(accepted_peer, local), None);
+    assert_eq!(callers.lookup(accepted_peer, local), None);
     drop(stream);
     assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(0));
 
@@ -714,11 +714,11 @@ fn records_are_released_at_close_even_when_another_program_clears_our_callback()
     assert_eq!(client.outcomes(2), ["ok", "ok"]);
     let (first, peer) = accept(&l.v4);
     let local = first.local_addr().unwrap();
-    assert!(callers.take(peer, local).is_some());
+    assert!(callers.lookup(peer, local).is_some());
     assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(2));
     // Both close (one accepted, one not): no TCP_CLOSE callback any more, the release sees them.
     client.finish();
-    assert_eq!(callers.take(peer, local), None);
+    assert_eq!(callers.lookup(peer, local), None);
     assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(0));
     drop(first);
 }
@@ -748,7 +748,7 @@ fn a_pod_at_its_open_connection_cap_is_refused_alone() {
     let (stream, peer) = accept(&l.v6);
     let local = stream.local_addr().unwrap();
     let caller = callers
-        .take(peer, local)
+        .lookup(peer, local)
         .expect("pod-b's connection is attributed");
     assert_eq!(caller.cgroup_id, inode(&node.cgroup("pod-b")));
     drop(stream);
@@ -831,10 +831,10 @@ fn a_record_goes_when_the_agent_closes_while_the_client_holds_its_socket() {
     assert_eq!(client.outcomes(1), ["ok"]);
     let (stream, peer) = accept(&node.listeners.v4);
     let local = stream.local_addr().unwrap();
-    assert!(callers.take(peer, local).is_some());
+    assert!(callers.lookup(peer, local).is_some());
     drop(stream);
     eventually("record released at CLOSE_WAIT", || {
-        callers.take(peer, local).is_none()
+        callers.lookup(peer, local).is_none()
     });
     assert_eq!(counters_of(&programs, &pod_a).map(|c| c.open), Some(0));
     client.finish();

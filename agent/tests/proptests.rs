@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use pod_identity_agent::backoff::Backoff;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -150,7 +151,7 @@ mod renewal {
                     // High enough that the renewal pacer never holds these tests up.
                     renewals_per_second: 100_000,
                     renewal_jitter: s.jitter,
-                    retry_backoff: s.backoff,
+                    retry_backoff: Backoff::new(s.backoff.0, s.backoff.1),
                     admission: AdmissionConfig::default(),
                 },
                 clock,

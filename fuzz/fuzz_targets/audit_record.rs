@@ -90,6 +90,9 @@ fn expected(r: &AuditRecord) -> Value {
         if let Some(matches) = p.token_matches {
             pod.insert("token_matches".into(), json!(matches));
         }
+        if let Some(scope) = p.container_scope {
+            pod.insert("container_scope".into(), json!(scope));
+        }
         m.insert("pod".into(), Value::Object(pod));
     }
     if let Some(t) = &r.token {
@@ -159,6 +162,12 @@ fn record(u: &mut Unstructured) -> Result<AuditRecord> {
                 service_account: u.arbitrary()?,
                 container: u.arbitrary()?,
                 token_matches: u.arbitrary()?,
+                container_scope: *u.choose(&[
+                    None,
+                    Some("listed"),
+                    Some("unlisted"),
+                    Some("pending"),
+                ])?,
             })
         } else {
             None

@@ -359,6 +359,33 @@ impl Pod {
         Ok(token)
     }
 
+    /// Runs the pod's later commands in another container of it: the container cgroup
+    /// `container_id` names (made when new) beside the first, as the kubelet makes a sidecar's.
+    /// An empty id runs them in the pod's own cgroup, in no container.
+    pub fn enter_container(&mut self, container_id: &str) -> Result<()> {
+        self.cgroup = if container_id.is_empty() {
+            self.pod_cgroup.clone()
+        } else {
+            let (_, rel) = cgroup::kubelet_paths(self.driver, self.qos, &self.uid, container_id);
+            let cgroup = self.node.cgroup_root().join(rel);
+            std::fs::create_dir_all(&cgroup)
+                .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+            cgroup
+        };
+        self.container_id = container_id.to_owned();
+        Ok(())
+    }
+
+    /// Runs the pod's later commands in a cgroup `name` nested below the current one, as a
+    /// process that can write its own cgroupfs can make (the container id stays the current one).
+    pub fn enter_nested_cgroup(&mut self, name: &str) -> Result<()> {
+        let cgroup = self.cgroup.join(name);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        self.cgroup = cgroup;
+        Ok(())
+    }
+
     /// The pod's scratch directory.
     #[must_use]
     pub fn dir(&self) -> &Path {

@@ -1,9 +1,10 @@
-//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check | fuzz`.
+//! Scripted work for the workspace: `cargo xtask setup | test | demo | bench | image | deploy-check | modules | fuzz`.
 
 mod bench;
 mod deploy;
 mod fuzz;
 mod image;
+mod modules;
 mod setup;
 mod util;
 
@@ -67,6 +68,13 @@ enum Command {
         #[arg(long)]
         bless: bool,
     },
+    /// The agent's module graph from its sources: fails on a cycle between modules, or when
+    /// the module map in docs/architecture.md is not the code's (no root).
+    Modules {
+        /// Rewrite the module map in docs/architecture.md from the code.
+        #[arg(long)]
+        bless: bool,
+    },
 }
 
 fn main() {
@@ -77,6 +85,7 @@ fn main() {
         Command::Bench { seconds } => bench::run(seconds),
         Command::Image => image::run(),
         Command::DeployCheck { bless } => deploy::check(bless),
+        Command::Modules { bless } => modules::run(bless),
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     };
     if let Err(err) = result {
@@ -88,6 +97,7 @@ fn main() {
 fn test(args: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces, links and cgroups")?;
     setup::run()?;
+    modules::run(false)?;
     deploy::check(false)?;
     // The image tests run the agent from the image's root filesystems: build both platforms from
     // this tree, once per run (the tests only read them).

@@ -180,8 +180,11 @@ async fn a_pod_holds_at_most_its_maximum_of_open_connections() {
     // Through `admit`, with no kernel: every caller is unplaced, and the refusal is counted.
     let peer = "169.254.200.1:1".parse().unwrap();
     let local = "169.254.170.23:80".parse().unwrap();
-    let kept = [a.admit(peer, local).await, a.admit(peer, local).await];
+    let kept = [
+        a.attribute(peer, local).await,
+        a.attribute(peer, local).await,
+    ];
     assert!(kept.iter().all(Option::is_some));
-    assert!(a.admit(peer, local).await.is_none());
+    assert!(a.attribute(peer, local).await.is_none());
     assert_eq!(a.connections_refused.get(), 1);
 }

@@ -272,9 +272,11 @@ fn unmapped(record: &AuditRecord) -> Value {
     put("cgroup_path", json!(record.caller.cgroup_path));
     put("process_start_ns", json!(record.caller.start_ns));
     put("token", json!(record.token));
+    let pod = record.pod.as_ref();
+    put("token_matches", json!(pod.and_then(|p| p.token_matches)));
     put(
-        "token_matches",
-        json!(record.pod.as_ref().and_then(|p| p.token_matches)),
+        "container_scope",
+        json!(pod.and_then(|p| p.container_scope)),
     );
     if let Some(c) = &record.credentials {
         put("credentials_source", json!(c.source));

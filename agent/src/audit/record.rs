@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::attribution::scope::Scope;
 use crate::cgroup::CgroupInfo;
 use crate::credentials::Issued;
 use crate::credentials::cache::Lookup;
@@ -45,6 +46,8 @@ pub struct AuditEvent {
     pub issued: Option<Arc<Issued>>,
     /// The pod the kernel placed the caller in, as the pod view has it.
     pub pod: Option<ViewedPod>,
+    /// The caller's container under its pod's list of containers.
+    pub scope: Scope,
 }
 
 impl AuditEvent {
@@ -65,6 +68,7 @@ impl AuditEvent {
             proof: Proof::empty(),
             issued: None,
             pod: None,
+            scope: Scope::Unscoped,
         }
     }
 
@@ -89,7 +93,7 @@ impl AuditEvent {
                 pod_uid: pod.map(|p| p.pod_uid.to_string()),
                 container_id: pod.and_then(|p| p.container_id.clone()),
                 pid: process.map(|p| p.pid),
-                comm: process.map(|p| p.comm.clone()),
+                comm: process.map(|p| p.comm.to_string()),
                 start_ns: None,
                 exec_id: None,
             },
@@ -102,6 +106,7 @@ impl AuditEvent {
                     .and_then(|id| viewed.pod.container_name(id))
                     .map(ToString::to_string),
                 token_matches: viewed.token_matches,
+                container_scope: (self.scope != Scope::Unscoped).then(|| self.scope.as_str()),
             }),
             token: self.claims.as_deref().map(|c| TokenRecord {
                 namespace: c.namespace().map(str::to_owned),
@@ -231,6 +236,11 @@ pub struct PodRecord {
     /// absent when no token was read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_matches: Option<bool>,
+    /// The caller's container under the pod's list of containers (annotation
+    /// `eks-pod-identity-agent.amazonaws.com/containers`): `listed`, `unlisted` or `pending`;
+    /// absent when the pod lists none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_scope: Option<&'static str>,
 }
 
 /// The token's claims as presented: verified only as `verified_by` says.

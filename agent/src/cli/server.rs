@@ -1,6 +1,7 @@
 //! `server`'s flags: the original agent's, with its defaults, then ours; and the
 //! [`ServerConfig`] they describe.
 
+use crate::backoff::Backoff;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -273,7 +274,7 @@ impl ServerArgs {
                 startup_taint: self.remove_startup_taint.then_some(self.startup_taint_key),
                 pod_events: self.pod_events,
                 call_timeout: Duration::from_secs(10),
-                retry_backoff: (Duration::from_secs(1), Duration::from_secs(30)),
+                retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
                 event_queue: 1024,
                 pod_view: PodViewConfig {
                     mode: match self.pod_view {

@@ -129,21 +129,29 @@ where
     Ok((typed(map)?, typed(second)?))
 }
 
+/// Loads the program `$name`, of aya's type `$ty`, and attaches it to `$cgroup`: the link id.
+/// (aya's cgroup program types share no trait for `load` and `attach`, hence a macro.)
+macro_rules! load_and_attach {
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr) => {{
+        let name = $name;
+        let program: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(program_step(name, "type"))?;
+        program.load().map_err(program_step(name, "load"))?;
+        program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(program_step(name, "attach"))
+    }};
+}
+
 pub(super) fn attach_sock_addr(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: &File,
 ) -> Result<(), EbpfError> {
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_step(name, "type"))?;
-    program.load().map_err(program_step(name, "load"))?;
-    program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_step(name, "attach"))?;
-    Ok(())
+    load_and_attach!(ebpf, CgroupSockAddr, name, cgroup).map(drop)
 }
 
 pub(super) fn attach_sock_ops(
@@ -151,32 +159,14 @@ pub(super) fn attach_sock_ops(
     name: &'static str,
     cgroup: &File,
 ) -> Result<(), EbpfError> {
-    let program: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_step(name, "type"))?;
-    program.load().map_err(program_step(name, "load"))?;
-    program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_step(name, "attach"))?;
-    Ok(())
+    load_and_attach!(ebpf, SockOps, name, cgroup).map(drop)
 }
 
 pub(super) fn attach_sock_release(
     ebpf: &mut Ebpf,
     cgroup: &File,
 ) -> Result<CgroupSockLinkId, EbpfError> {
-    let name = SOCK_RELEASE_PROGRAM;
-    let program: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_step(name, "type"))?;
-    program.load().map_err(program_step(name, "load"))?;
-    program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_step(name, "attach"))
+    load_and_attach!(ebpf, CgroupSock, SOCK_RELEASE_PROGRAM, cgroup)
 }
 
 #[cfg(test)]

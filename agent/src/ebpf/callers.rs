@@ -24,8 +24,8 @@ pub struct Caller {
     /// Thread id of the thread that connected.
     pub tid: u32,
     pub uid: u32,
-    /// The calling thread's `comm`.
-    pub comm: String,
+    /// The calling thread's `comm` (shared: each request's audit event holds it, no copy).
+    pub comm: Arc<str>,
     /// Cookie of the caller's network namespace.
     pub netns_cookie: u64,
 }
@@ -57,7 +57,7 @@ impl Callers {
     /// `local` the server's local address. IPv4 addresses are mapped the way the eBPF side maps
     /// them. One lookup, no lock. The record stays in the map until the kernel sees the
     /// connection end: a later connection on the same 4-tuple gets its own record.
-    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Caller> {
+    pub fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<Caller> {
         let key = conn_key(peer, local);
         let record = match self.by_conn.get(&key, 0) {
             Ok(record) => record,
@@ -90,7 +90,7 @@ impl From<CallerRecord> for Caller {
             pid: r.tgid,
             tid: r.tid,
             uid: r.uid,
-            comm: String::from_utf8_lossy(&r.comm[..comm_len]).into_owned(),
+            comm: Arc::from(String::from_utf8_lossy(&r.comm[..comm_len])),
             netns_cookie: r.netns_cookie,
         }
     }
@@ -160,7 +160,7 @@ mod tests {
             tgid: 7,
             ..CallerRecord::default()
         });
-        assert_eq!((caller.comm.as_str(), caller.pid), ("python3", 7));
+        assert_eq!((&*caller.comm, caller.pid), ("python3", 7));
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub enum RequestError {
     Validation(#[from] ValidationError),
     #[error("token binding: {0}")]
     Binding(String),
+    /// The caller's container is not among those its pod lists (per-container scoping).
+    #[error("container scoping: {0}")]
+    ContainerNotAllowed(String),
+    /// The pod lists containers, and the caller's is not in the pod's status yet.
+    #[error(
+        "container scoping: the caller's container is not in the pod's status yet; retry shortly"
+    )]
+    ContainerPending,
     #[error("{0}")]
     Upstream(Arc<UpstreamError>),
     /// The token's call to EKS Auth could not be made before the request's deadline (EKS Auth's
@@ -79,7 +87,11 @@ impl RequestError {
         match self {
             RequestError::NotFound => StatusCode::NOT_FOUND,
             RequestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RequestError::ForbiddenHost | RequestError::Binding(_) => StatusCode::FORBIDDEN,
+            RequestError::ForbiddenHost
+            | RequestError::Binding(_)
+            | RequestError::ContainerNotAllowed(_) => StatusCode::FORBIDDEN,
+            // The pod view learns the container's name within moments of its start.
+            RequestError::ContainerPending => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Throttled
             | RequestError::PodThrottled { .. }
             | RequestError::Queued { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -115,6 +127,9 @@ impl RequestError {
             RequestError::Token(_) => RefusalKind::Token,
             RequestError::Validation(_) => RefusalKind::Validation,
             RequestError::Binding(_) => RefusalKind::Binding,
+            RequestError::ContainerNotAllowed(_) | RequestError::ContainerPending => {
+                RefusalKind::ContainerScope
+            }
             RequestError::Upstream(_) => RefusalKind::Upstream,
             RequestError::Queued { .. } => RefusalKind::Queued,
         }
@@ -128,7 +143,7 @@ impl RequestError {
             RequestError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
             }
-            RequestError::Throttled => {
+            RequestError::Throttled | RequestError::ContainerPending => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             RequestError::PodThrottled { retry_after }
@@ -158,6 +173,7 @@ pub enum RefusalKind {
     Token,
     Validation,
     Binding,
+    ContainerScope,
     Upstream,
     Queued,
 }
@@ -188,7 +204,7 @@ impl RefusalLog {
 
     /// Whether to log this refusal now; if so, how many of its kind were not logged since the
     /// last line.
-    pub fn admit(&self, kind: RefusalKind) -> Option<u64> {
+    pub fn sample(&self, kind: RefusalKind) -> Option<u64> {
         let now = tokio::time::Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
         let window = &mut kinds[kind as usize];
@@ -303,14 +319,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refusal_logs_are_rate_limited_per_kind_and_count_what_they_left_out() {
         let log = RefusalLog::new(Duration::from_secs(10));
-        assert_eq!(log.admit(RefusalKind::Token), Some(0));
+        assert_eq!(log.sample(RefusalKind::Token), Some(0));
         for _ in 0..5 {
-            assert_eq!(log.admit(RefusalKind::Token), None);
+            assert_eq!(log.sample(RefusalKind::Token), None);
         }
         // Another kind has its own window.
-        assert_eq!(log.admit(RefusalKind::Binding), Some(0));
+        assert_eq!(log.sample(RefusalKind::Binding), Some(0));
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(log.admit(RefusalKind::Token), Some(5));
-        assert_eq!(log.admit(RefusalKind::Token), None);
+        assert_eq!(log.sample(RefusalKind::Token), Some(5));
+        assert_eq!(log.sample(RefusalKind::Token), None);
     }
 }

@@ -17,6 +17,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
 
+use crate::attribution::scope::Scope;
 use crate::attribution::{Attribution, Binding, Caller, PodKey};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
@@ -25,7 +26,7 @@ use crate::credentials::admission::Share;
 use crate::credentials::cache::{CredentialCache, Lookup, Served};
 use crate::credentials::{Issued, Retriever};
 use crate::kubernetes::events::EventRecorder;
-use crate::kubernetes::pod_view::{PodView, ViewedPod};
+use crate::kubernetes::pod_view::{PodInfo, PodView, ViewedPod};
 use crate::metrics::{Metrics, NamespaceLabels};
 use crate::proof::Proof;
 use crate::token::{Claims, TokenError};
@@ -48,6 +49,10 @@ struct Exchange {
     issued: Option<Arc<Issued>>,
     /// What vouched for the caller's identity.
     proof: Proof,
+    /// The pod the kernel placed the caller in, as the pod view has it.
+    pod: Option<Arc<PodInfo>>,
+    /// The caller's container under its pod's list of containers.
+    scope: Scope,
 }
 
 /// The credential endpoint and everything it consults.
@@ -128,7 +133,18 @@ impl<R: Retriever> Endpoint<R> {
     /// Answers one request from `caller`, and counts and audits it.
     pub async fn handle<B>(&self, req: Request<B>, caller: &Caller) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
-        let mut exchange = Exchange::default();
+        // The pod the kernel saw, as the API server names it: a pointer load and a hash lookup.
+        let pod = self
+            .pod_view
+            .as_ref()
+            .and_then(|view| view.get(caller.pod_uid()?));
+        // Which of the pod's containers may have its credentials (the pod's annotation).
+        let scope = Scope::of(pod.as_deref(), caller);
+        let mut exchange = Exchange {
+            pod,
+            scope,
+            ..Exchange::default()
+        };
         let result = self.serve(&req, caller, &mut exchange).await;
         let response = match &result {
             Ok(body) => error::credentials(body.clone()),
@@ -157,7 +173,7 @@ impl<R: Retriever> Endpoint<R> {
             }
             // Refusals come in bursts: one line per kind per period, with what was left out.
             if let Err(e) = &result
-                && let Some(suppressed) = self.refusals.admit(e.kind())
+                && let Some(suppressed) = self.refusals.sample(e.kind())
             {
                 tracing::info!(peer = %caller.peer, status, reason = %e, suppressed, "credential request refused");
             }
@@ -168,15 +184,26 @@ impl<R: Retriever> Endpoint<R> {
                     exchange.claims.as_deref(),
                     caller,
                 )
+                .or_else(|| {
+                    observe::scope_observation(result.as_ref().map(drop), &exchange.scope, caller)
+                })
             {
                 recorder.record(observation);
             }
-            // The pod the kernel saw, as the API server names it: an `Arc` and a comparison.
-            let pod = self.pod_view.as_ref().and_then(|view| {
-                ViewedPod::find(view, caller.pod_uid()?, exchange.claims.as_deref())
-            });
+            // Compared with the token, if one was read: an `Arc` and a comparison.
+            let pod = exchange
+                .pod
+                .clone()
+                .zip(caller.pod_uid())
+                .map(|(pod, uid)| ViewedPod::new(pod, uid, exchange.claims.as_deref()));
             if pod.as_ref().is_some_and(|p| p.token_matches == Some(false)) {
                 self.metrics.pod_view_token_mismatch.inc();
+            }
+            if exchange.scope != Scope::Unscoped {
+                self.metrics
+                    .container_scope
+                    .with_label_values(&[exchange.scope.as_str()])
+                    .inc();
             }
             if let Some(audit) = &self.audit {
                 audit.record(self.audit_event(&result, status, elapsed, caller, exchange, pod));
@@ -249,6 +276,16 @@ impl<R: Retriever> Endpoint<R> {
         ex.binding = Some(binding.clone());
         if let Some(reason) = refusal {
             return Err(RequestError::Binding(reason));
+        }
+        if self.attribution.refuses(&ex.scope) {
+            return Err(match &ex.scope {
+                Scope::Pending => RequestError::ContainerPending,
+                scope => RequestError::ContainerNotAllowed(
+                    scope
+                        .reason(ex.pod.as_ref().and_then(|p| p.allowed_containers.as_ref()))
+                        .unwrap_or_default(),
+                ),
+            });
         }
 
         let served = match cached {
@@ -330,6 +367,7 @@ impl<R: Retriever> Endpoint<R> {
             proof: ex.proof,
             issued: ex.issued,
             pod,
+            scope: ex.scope,
             ..AuditEvent::new(self.clock.now(), caller.peer, outcome, status)
         }
     }

@@ -3,6 +3,7 @@
 //! result), on the request path; the Events side ([`crate::kubernetes::events`]) never sees a
 //! [`RequestError`] and so never imports HTTP.
 
+use crate::attribution::scope::Scope;
 use crate::attribution::{Binding, Caller, PodKey};
 use crate::credentials::upstream_error::bare_code;
 use crate::kubernetes::events::{
@@ -77,6 +78,30 @@ pub fn observation(
         reason,
         subject,
         detail,
+    })
+}
+
+/// A request from a container its pod does not list (per-container scoping), refused or only
+/// recorded: an Event on the pod the kernel placed it in. A container not in the pod's status
+/// yet calls for none (it is told to retry, and is named moments later).
+pub fn scope_observation(
+    result: Result<(), &RequestError>,
+    scope: &Scope,
+    caller: &Caller,
+) -> Option<Observation> {
+    let Scope::Unlisted(name) = scope else {
+        return None;
+    };
+    let PodKey::Pod(uid) = caller.pod_key() else {
+        return None;
+    };
+    Some(Observation {
+        reason: Reason::ContainerNotListed,
+        detail: Detail::Container {
+            refused: matches!(result, Err(RequestError::ContainerNotAllowed(_))),
+            name: name.as_deref().map(str::to_owned),
+        },
+        subject: Subject::Kernel(uid),
     })
 }
 

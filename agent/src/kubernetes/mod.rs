@@ -245,7 +245,7 @@ mod tests {
             startup_taint: None,
             pod_events: true,
             call_timeout: std::time::Duration::from_secs(10),
-            retry_backoff: (
+            retry_backoff: crate::backoff::Backoff::new(
                 std::time::Duration::from_secs(1),
                 std::time::Duration::from_secs(30),
             ),

@@ -10,6 +10,7 @@
 //! retry. Any other failure (API down, forbidden, node not found) is retried with backoff until
 //! shutdown; credentials are served all along.
 
+use crate::backoff::Backoff;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Taint};
@@ -32,8 +33,8 @@ const MAX_QUICK_CONFLICTS: u32 = 5;
 pub struct Removal {
     pub node: String,
     pub key: String,
-    /// First and longest wait; doubles in between.
-    pub backoff: (Duration, Duration),
+    /// The wait between failed attempts.
+    pub backoff: Backoff,
 }
 
 /// What one attempt found.
@@ -85,8 +86,7 @@ pub async fn remove_when_ready<A: KubeApi>(
             () = tokio::time::sleep(READY_POLL) => {}
         }
     }
-    let (first, longest) = removal.backoff;
-    let mut wait = first;
+    let mut failures = 0;
     let mut conflicts = 0;
     loop {
         let attempt = tokio::select! {
@@ -117,15 +117,15 @@ pub async fn remove_when_ready<A: KubeApi>(
                     AttemptError::Get { .. } => Operation::GetNode,
                     _ => Operation::PatchNode,
                 });
-                tracing::warn!(error = %crate::error_chain(&e), retry_in_s = wait.as_secs_f64(), "removing the startup taint failed; serving on and retrying");
+                failures += 1;
+                tracing::warn!(error = %crate::error_chain(&e), retry_in_s = removal.backoff.after(failures).as_secs_f64(), "removing the startup taint failed; serving on and retrying");
             }
         }
         conflicts = 0;
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(jittered(wait)) => {}
+            () = tokio::time::sleep(jittered(removal.backoff.after(failures))) => {}
         }
-        wait = (wait * 2).min(longest);
     }
 }
 

@@ -25,7 +25,7 @@ use crate::config::ServerConfig;
 use crate::credentials::cache::CredentialCache;
 use crate::credentials::eks_auth::{EksAuth, EksAuthSetupError};
 use crate::http::Endpoint;
-use crate::kubernetes::events::names_from_cache;
+use crate::kubernetes::events::names_from_view_or_cache;
 use crate::kubernetes::{Handles, Kubernetes};
 use crate::listener::{self, Accepting, BindError, Readiness};
 use crate::metrics::{Metrics, MetricsError, NamespaceLabels};
@@ -134,7 +134,11 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         config.attribution.node_name.clone(),
         &metrics,
     ) {
-        Some((kubernetes, handles)) => (Some((kubernetes, names_from_cache(&cache))), handles),
+        Some((kubernetes, handles)) => {
+            // Events name pods as the pod view has them, else from tokens EKS Auth accepted.
+            let names = names_from_view_or_cache(handles.pod_view.clone(), &cache);
+            (Some((kubernetes, names)), handles)
+        }
         None => (None, Handles::default()),
     };
     let validator = Validator::start(&config.validation, &config.kubernetes, &metrics).await?;
@@ -170,7 +174,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             l,
             move |peer, local| {
                 let attribution = attribution.clone();
-                async move { attribution.admit(peer, local).await }
+                async move { attribution.attribute(peer, local).await }
             },
             move |req, connection| {
                 let endpoint = endpoint.clone();

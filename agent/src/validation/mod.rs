@@ -20,6 +20,7 @@ pub mod outcome;
 pub mod source;
 pub mod store;
 
+use crate::backoff::Backoff;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
@@ -256,11 +257,9 @@ impl Validator {
         {
             return Some(fetch.clone());
         }
-        let interval = self
-            .policy
-            .min_interval
-            .saturating_mul(1 << state.failures.min(16))
-            .min(self.policy.max_interval.max(self.policy.min_interval));
+        // The usual interval, doubling after each failed fetch.
+        let interval = Backoff::new(self.policy.min_interval, self.policy.max_interval)
+            .after(state.failures + 1);
         if state.last_attempt.is_some_and(|at| at.elapsed() < interval) {
             return None;
         }

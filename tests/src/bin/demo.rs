@@ -3,7 +3,9 @@
 //! with the agent restarted under `--token-binding enforce` and a per-pod connect limit, a token replayed
 //! from another pod is refused, a forged token is refused at the door (the cluster's signing key, from a
 //! Kubernetes API stand-in) without a call to EKS Auth, and a pod flooding the agent with connections is
-//! refused in the kernel while its neighbour is served. Finally the whole audit log and the metrics are shown.
+//! refused in the kernel while its neighbour is served. The API stand-in also serves the pods (the agent's
+//! pod view names each caller's container), and one pod lists the containers that may have its credentials:
+//! its sidecar is refused. Finally the whole audit log and the metrics are shown.
 //!
 //! Run as root after building the agent: `cargo build -p eks-pod-identity-agent && cargo run -p e2e --bin demo`.
 //! Exits non-zero if any scenario fails. To add a scenario, write a `fn(&mut Demo) -> Result<()>` and list
@@ -47,10 +49,19 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         forged_token_refused,
     ),
     (
+        "a sidecar of a pod that lists its containers is refused",
+        sidecar_refused,
+    ),
+    (
         "a pod flooding the agent is refused in the kernel while its neighbour is served",
         flood_refused_in_kernel,
     ),
 ];
+
+/// The runtime id of the sidecar container every demo pod runs beside its app.
+const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
+/// The annotation listing the containers that may have a pod's credentials.
+const CONTAINERS_ANNOTATION: &str = "eks-pod-identity-agent.amazonaws.com/containers";
 
 /// The flags of the restarted agent.
 const ENFORCING: [&str; 6] = [
@@ -205,6 +216,20 @@ fn setup() -> Result<Demo> {
         fake.associate(&spec.namespace, &spec.service_account, &role);
         let pod = node.add_pod(spec)?;
         pod.refresh_token(&fake)?;
+        // The API server has the pod: its app container (where its processes run) and a
+        // sidecar. The first pod lets only its app have its credentials.
+        let mut object = fake_kube_api::pod_object(
+            node.name(),
+            &pod.namespace,
+            &pod.name,
+            &pod.uid,
+            &pod.service_account,
+            &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
+        );
+        if pods.is_empty() {
+            object["metadata"]["annotations"][CONTAINERS_ANNOTATION] = "app".into();
+        }
+        api.add_pod(object);
         println!(
             "   pod {}/{} (sa {}, {:?} cgroup) at {} / {} -> role {role}",
             pod.namespace, pod.name, pod.service_account, pod.driver, pod.ipv4, pod.ipv6
@@ -399,6 +424,62 @@ fn replayed_token_refused(demo: &mut Demo) -> Result<()> {
     Ok(())
 }
 
+fn sidecar_refused(demo: &mut Demo) -> Result<()> {
+    if let Some(agent) = &demo.agent {
+        let synced = e2e::wait_for(Duration::from_secs(30), || {
+            agent
+                .metric("pod_identity_pod_view_synced")
+                .is_ok_and(|v| v == 1.0)
+        });
+        if !synced {
+            bail!("the agent's pod view did not list the node's pods");
+        }
+    }
+    let pod = &mut demo.pods[0].pod;
+    let app = pod.container_id.clone();
+    println!(
+        "   pod {} lists its containers ({CONTAINERS_ANNOTATION}: app); its istio-proxy sidecar asks with the pod's token",
+        pod.name
+    );
+    pod.enter_container(SIDECAR_ID)?;
+    let asked = pod.python_requests(Family::V4, &pod.token_path(), 1, false);
+    pod.enter_container(&app)?;
+    let asked = asked?;
+    let ex = &asked.exchanges[0];
+    let body = if ex.status == Some(200) {
+        "(credentials, not shown)"
+    } else {
+        ex.body.trim()
+    };
+    println!(
+        "   -> {} {body}",
+        ex.status
+            .map_or_else(|| "no response".to_owned(), |s| s.to_string())
+    );
+    let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
+    let record = records.iter().find(|r| r["caller"]["pid"] == asked.pid);
+    if let Some(r) = record {
+        println!("   audit: {}", summarize_audit_line(&r.to_string()));
+    }
+    let own = pod.python_requests(Family::V4, &pod.token_path(), 1, false)?;
+    println!(
+        "   its app container -> {}",
+        own.exchanges[0].status.unwrap_or_default()
+    );
+    if ex.status != Some(403) {
+        bail!("the sidecar was answered {:?}, expected 403", ex.status);
+    }
+    if !record.is_some_and(|r| {
+        r["pod"]["container"] == "istio-proxy" && r["pod"]["container_scope"] == "unlisted"
+    }) {
+        bail!("no audit record naming the sidecar as unlisted");
+    }
+    if own.exchanges[0].status != Some(200) {
+        bail!("the app container was not served: {:?}", own.exchanges[0]);
+    }
+    Ok(())
+}
+
 fn flood_refused_in_kernel(demo: &mut Demo) -> Result<()> {
     let (flooder, neighbour) = (&demo.pods[1], &demo.pods[0]);
     // One real request first, so the agent knows the flooder's namespace for its metric label.
@@ -520,7 +601,14 @@ fn summarize_audit_line(line: &str) -> String {
             other => other.to_string(),
         }
     };
-    let container = field(&["caller", "container_id"]);
+    // The container's name, when the pod view gave it; else the start of its id.
+    let container = match field(&["pod", "container"]) {
+        name if name != "-" => name,
+        _ => field(&["caller", "container_id"])
+            .chars()
+            .take(12)
+            .collect(),
+    };
     let reason = match field(&["reason"]) {
         r if r == "-" => String::new(),
         r => format!(" ({r})"),
@@ -531,7 +619,7 @@ fn summarize_audit_line(line: &str) -> String {
         field(&["http_status"]),
         field(&["caller", "peer"]),
         field(&["caller", "pod_uid"]),
-        &container[..container.len().min(12)],
+        container,
         field(&["caller", "pid"]),
         field(&["caller", "comm"]),
         field(&["token", "namespace"]),

@@ -40,6 +40,7 @@ fn allowed() -> AuditRecord {
             service_account: "reader".into(),
             container: Some("app".into()),
             token_matches: Some(true),
+            container_scope: Some("listed"),
         }),
         token: Some(TokenRecord {
             namespace: Some("shop".into()),
@@ -177,6 +178,7 @@ fn an_allowed_request_names_the_actor_role_key_and_node() {
     assert_eq!(e["device"]["hostname"], "node-a");
     assert_eq!(e["src_endpoint"]["ip"], "169.254.200.7");
     assert_eq!(e["unmapped"]["binding"], "match");
+    assert_eq!(e["unmapped"]["container_scope"], "listed");
     assert_eq!(
         e["unmapped"]["verified_by"],
         serde_json::json!(["kernel", "eks-auth"])

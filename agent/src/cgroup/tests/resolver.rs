@@ -145,10 +145,14 @@ fn a_miss_storm_does_not_stall_known_cgroups_and_costs_few_walks() {
 
     // Connections from cgroups that are gone: every one misses, and the walk they start hangs.
     tree.set_open(false);
+    let started = Arc::new(AtomicU64::new(0));
     let storm: Vec<_> = (0..STORM)
         .map(|i| {
-            let resolver = resolver.clone();
-            std::thread::spawn(move || resolver.resolve(1000 + i))
+            let (resolver, started) = (resolver.clone(), started.clone());
+            std::thread::spawn(move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                resolver.resolve(1000 + i)
+            })
         })
         .collect();
     assert!(
@@ -172,6 +176,16 @@ fn a_miss_storm_does_not_stall_known_cgroups_and_costs_few_walks() {
         "cached lookups went on while a walk was under way"
     );
 
+    // Every miss has arrived before the walk ends (on a loaded machine a thread can start late;
+    // one that arrives after the walk would rightly start another).
+    assert!(
+        (0..1000).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            started.load(Ordering::SeqCst) == STORM
+        }),
+        "the storm's threads started"
+    );
+    std::thread::sleep(Duration::from_millis(50));
     tree.set_open(true);
     for t in storm {
         assert!(t.join().unwrap().is_none());

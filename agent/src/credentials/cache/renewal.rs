@@ -24,11 +24,6 @@ impl<R: Retriever> Inner<R> {
         due - spread
     }
 
-    pub(super) fn backoff(&self, failures: u32) -> Duration {
-        let (first, longest) = self.config.retry_backoff;
-        first.saturating_mul(1 << failures.min(16)).min(longest)
-    }
-
     pub(super) fn schedule_renewal(self: &Arc<Self>, entry: &Arc<Entry>, first: Duration) {
         let task = tokio::spawn(renew(Arc::downgrade(self), Arc::downgrade(entry), first));
         if let Ok(mut renewal) = entry.renewal.lock() {
@@ -125,9 +120,8 @@ pub(super) async fn renew_once<R: Retriever>(
             Next::Stop
         }
         Err(e) => {
-            // The first retry waits the first backoff (`retry_backoff.0`), then doubling.
-            let delay = inner.backoff(*failures);
             *failures += 1;
+            let delay = inner.config.retry_backoff.after(*failures);
             tracing::warn!(code = %e.code, message = %e.message, retry_in = ?delay,
                 "renewal failed; keeping the cached credentials");
             Next::After(delay)

@@ -147,3 +147,38 @@ fn a_mismatch_goes_on_the_presenting_pod() {
     .unwrap();
     assert_eq!(o.subject, Subject::Kernel(Arc::from(POD_B)));
 }
+
+#[test]
+fn an_unlisted_container_calls_for_an_event_on_the_kernels_pod() {
+    use super::scope_observation;
+    use crate::attribution::scope::Scope;
+    let sidecar = Scope::Unlisted(Some("istio-proxy".into()));
+    let refused = RequestError::ContainerNotAllowed("x".into());
+    let o = scope_observation(Err(&refused), &sidecar, &Caller::in_test_pod(POD_A)).unwrap();
+    assert_eq!(o.reason, Reason::ContainerNotListed);
+    assert_eq!(o.subject, Subject::Kernel(POD_A.into()));
+    assert_eq!(
+        o.detail,
+        Detail::Container {
+            refused: true,
+            name: Some("istio-proxy".into())
+        }
+    );
+    // Served under audit: recorded.
+    let o = scope_observation(Ok(()), &sidecar, &Caller::in_test_pod(POD_A)).unwrap();
+    assert!(matches!(o.detail, Detail::Container { refused: false, .. }));
+    // A listed or pending container, or a caller in no pod: nothing.
+    let caller = Caller::in_test_pod(POD_A);
+    assert_eq!(
+        scope_observation(Ok(()), &Scope::Listed("app".into()), &caller),
+        None
+    );
+    assert_eq!(
+        scope_observation(Err(&refused), &Scope::Pending, &caller),
+        None
+    );
+    assert_eq!(
+        scope_observation(Err(&refused), &sidecar, &anonymous()),
+        None
+    );
+}

@@ -1,11 +1,12 @@
 //! The request path, without sockets: a scripted upstream behind the real cache. This file holds
 //! the upstream, the endpoint and the requests the parts share: [`responses`] (statuses, bodies,
 //! the `Host` header, local token checks), [`binding`] (token binding, rotation, verified
-//! namespaces), [`limits`] (per-pod and node-wide).
+//! namespaces), [`limits`] (per-pod and node-wide), [`scope`] (per-container scoping).
 
 mod binding;
 mod limits;
 mod responses;
+mod scope;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

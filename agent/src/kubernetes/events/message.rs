@@ -58,6 +58,23 @@ pub fn message(reason: Reason, detail: &Detail, pod: &PodIdentity) -> String {
         (Reason::TokenExpired, _) => format!(
             "The pod presented an expired service-account token ({sa}): the kubelet rotates it before it expires; is the projected token mounted and refreshed?"
         ),
+        (Reason::ContainerNotListed, Detail::Container { refused, name }) => {
+            let who = match name {
+                Some(name) => format!("Container {name} of this pod"),
+                None => "A process of this pod in no container".to_owned(),
+            };
+            let verdict = if *refused {
+                "refused (--token-binding enforce)"
+            } else {
+                "recorded, not refused (--token-binding audit)"
+            };
+            format!(
+                "{who} asked for the credentials of {sa}{role}, but the pod's annotation eks-pod-identity-agent.amazonaws.com/containers does not list it: {verdict}"
+            )
+        }
+        (Reason::ContainerNotListed, _) => format!(
+            "A container of this pod that its annotation eks-pod-identity-agent.amazonaws.com/containers does not list asked for the credentials of {sa}{role}"
+        ),
         (Reason::TokenBindingMismatch, _) => format!(
             "This pod ({sa}{role}) presented a service-account token of another pod to the EKS Pod Identity Agent"
         ),

@@ -37,7 +37,7 @@ pub use correlator::Reporter;
 pub use message::message;
 pub use observation::{
     Detail, Limiter, Observation, PodIdentity, PodNames, Reason, Subject, names_from_cache,
-    uid_chars,
+    names_from_view_or_cache, uid_chars,
 };
 pub use recorder::{EventInbox, EventRecorder, Outcomes, channel};
 pub use task::run;

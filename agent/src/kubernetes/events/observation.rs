@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::credentials::Retriever;
 use crate::credentials::cache::CredentialCache;
+use crate::kubernetes::pod_view::PodView;
 use crate::token::Claims;
 
 /// Why an Event is posted: its `reason`.
@@ -22,6 +23,8 @@ pub enum Reason {
     Throttled,
     /// An expired token (the agent's check, or EKS Auth's `ExpiredTokenException`).
     TokenExpired,
+    /// A container the pod does not list asked for its credentials (per-container scoping).
+    ContainerNotListed,
 }
 
 impl Reason {
@@ -32,6 +35,7 @@ impl Reason {
             Reason::TokenBindingMismatch => "PodIdentityTokenBindingMismatch",
             Reason::Throttled => "PodIdentityThrottled",
             Reason::TokenExpired => "PodIdentityTokenExpired",
+            Reason::ContainerNotListed => "PodIdentityContainerNotListed",
         }
     }
 }
@@ -62,6 +66,31 @@ impl PodIdentity {
 
 /// Names the pod with this UID from a token of it EKS Auth verified, if the agent has one.
 pub type PodNames = Arc<dyn Fn(&str) -> Option<PodIdentity> + Send + Sync>;
+
+/// Names pods from the pod view when it has them (the API server's names for the UID the kernel
+/// saw), else from the credential cache; the role, from the cache either way.
+pub fn names_from_view_or_cache<R: Retriever>(
+    view: Option<PodView>,
+    cache: &CredentialCache<R>,
+) -> PodNames {
+    let from_cache = names_from_cache(cache);
+    let Some(view) = view else {
+        return from_cache;
+    };
+    Arc::new(move |uid: &str| {
+        let cached = from_cache(uid);
+        let Some(pod) = view.get(uid) else {
+            return cached;
+        };
+        Some(PodIdentity {
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
+            uid: uid.to_owned(),
+            service_account: Some(pod.service_account.to_string()),
+            role_arn: cached.and_then(|c| c.role_arn),
+        })
+    })
+}
 
 /// Names pods from the credential cache: an entry exists only for a token EKS Auth accepted, and
 /// its claims name the pod (and its association the role). Walks the cache, so only for a pod the
@@ -108,6 +137,13 @@ pub enum Detail {
         token_pod: Option<String>,
     },
     Throttled(Limiter),
+    /// A container the pod does not list, by its name in the pod's status (`None`: a process of
+    /// the pod in no container).
+    Container {
+        /// Refused (`enforce`), or only recorded (`audit`).
+        refused: bool,
+        name: Option<String>,
+    },
 }
 
 /// One refused or failed request, as the request path reports it.

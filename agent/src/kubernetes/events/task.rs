@@ -1,7 +1,7 @@
 //! The Events task: takes observations off the queue, feeds the [`Correlator`], and makes the API
 //! calls it asks for, one at a time, each within the client's deadline.
 
-use std::time::Duration;
+use crate::backoff::Backoff;
 
 use futures::future::OptionFuture;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ pub async fn run<A: KubeApi>(
     inbox: EventInbox,
     reporter: Reporter,
     names: PodNames,
-    backoff: (Duration, Duration),
+    backoff: Backoff,
     errors: ApiErrors,
     shutdown: CancellationToken,
 ) {

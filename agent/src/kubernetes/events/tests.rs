@@ -47,6 +47,39 @@ fn messages_name_namespace_service_account_and_role_and_nothing_unverified() {
     );
 }
 
+#[test]
+fn a_container_not_listed_is_named_with_the_verdict() {
+    let pod = identity(POD_A);
+    let m = message(
+        Reason::ContainerNotListed,
+        &Detail::Container {
+            refused: true,
+            name: Some("istio-proxy".into()),
+        },
+        &pod,
+    );
+    assert!(m.starts_with("Container istio-proxy of this pod"), "{m}");
+    assert!(m.contains("service account shop/cart"), "{m}");
+    assert!(m.contains("--token-binding enforce"), "{m}");
+    let m = message(
+        Reason::ContainerNotListed,
+        &Detail::Container {
+            refused: false,
+            name: None,
+        },
+        &pod,
+    );
+    assert!(
+        m.starts_with("A process of this pod in no container"),
+        "{m}"
+    );
+    assert!(m.contains("--token-binding audit"), "{m}");
+    assert_eq!(
+        Reason::ContainerNotListed.as_str(),
+        "PodIdentityContainerNotListed"
+    );
+}
+
 // --- The task ---------------------------------------------------------------------------------
 
 struct Harness {
@@ -68,7 +101,7 @@ fn start(api: FakeApi, capacity: usize, names: PodNames) -> Harness {
             host: "ip-10-0-0-1".into(),
         },
         names,
-        (Duration::from_secs(1), Duration::from_secs(30)),
+        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         ApiErrors::new(&metrics.kubernetes_api_errors),
         shutdown.clone(),
     ));
@@ -278,7 +311,7 @@ fn series_are_bounded() {
     };
     let mut c = Correlator::new(
         limits,
-        (Duration::from_secs(1), Duration::from_secs(30)),
+        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         Reporter {
             host: String::new(),
         },

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use pod::{Container, PodInfo, WatchedPod};
+pub use pod::{AllowedContainers, CONTAINERS_ANNOTATION, Container, PodInfo, WatchedPod};
 
 /// The pods by UID, as last published.
 pub type Pods = HashMap<Arc<str>, Arc<PodInfo>>;
@@ -60,7 +60,7 @@ impl PodView {
     }
 
     /// Replaces the view (the task's side).
-    fn publish(&self, pods: Pods) {
+    pub(crate) fn publish(&self, pods: Pods) {
         self.pods.store(Arc::new(pods));
     }
 }
@@ -83,9 +83,13 @@ impl ViewedPod {
         uid: &str,
         claims: Option<&crate::token::Claims>,
     ) -> Option<ViewedPod> {
-        let pod = view.get(uid)?;
+        Some(ViewedPod::new(view.get(uid)?, uid, claims))
+    }
+
+    /// `pod`, the view's pod with the UID `uid` (the kernel's), compared with `claims`.
+    pub fn new(pod: Arc<PodInfo>, uid: &str, claims: Option<&crate::token::Claims>) -> ViewedPod {
         let token_matches = claims.map(|c| token_matches(uid, &pod, c));
-        Some(ViewedPod { pod, token_matches })
+        ViewedPod { pod, token_matches }
     }
 }
 

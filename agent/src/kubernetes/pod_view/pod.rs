@@ -11,6 +11,11 @@ use serde::Deserialize;
 /// The prefix of the annotations the view keeps (the agent's own; a pod's other annotations,
 /// `kubectl.kubernetes.io/last-applied-configuration` among them, can be hundreds of KiB).
 pub const ANNOTATION_PREFIX: &str = "eks-pod-identity-agent.amazonaws.com/";
+/// The annotation that lists, comma-separated, the containers of the pod that may receive its
+/// credentials (per-container scoping; [`crate::attribution::scope`] decides).
+pub const CONTAINERS_ANNOTATION: &str = "eks-pod-identity-agent.amazonaws.com/containers";
+/// The longest list of containers read: 64 names of up to 63 bytes, and commas.
+const MAX_CONTAINERS_ANNOTATION_BYTES: usize = 64 * 64;
 /// Most annotations kept per pod, and the longest value kept (longer ones are left out).
 const MAX_ANNOTATIONS: usize = 8;
 const MAX_ANNOTATION_BYTES: usize = 1024;
@@ -30,6 +35,69 @@ pub struct PodInfo {
     /// Every container the kubelet has started (containers, init and ephemeral ones), by the
     /// runtime's id as the container's cgroup names it.
     pub containers: Vec<Container>,
+    /// The containers that may receive the pod's credentials ([`CONTAINERS_ANNOTATION`]); `None`
+    /// when the pod does not have the annotation (every container may).
+    pub allowed_containers: Option<AllowedContainers>,
+}
+
+#[cfg(test)]
+impl PodInfo {
+    /// The pod `shop/cart` (service account `cart`) with containers `app` and `istio-proxy` of
+    /// these runtime ids, and the containers annotation when given (unit tests of scoping).
+    pub(crate) fn app_and_sidecar(app: &str, sidecar: &str, annotation: Option<&str>) -> Self {
+        PodInfo {
+            namespace: "shop".into(),
+            name: "cart".into(),
+            service_account: "cart".into(),
+            annotations: Vec::new(),
+            containers: vec![
+                Container {
+                    id: app.into(),
+                    name: "app".into(),
+                },
+                Container {
+                    id: sidecar.into(),
+                    name: "istio-proxy".into(),
+                },
+            ],
+            allowed_containers: annotation.map(AllowedContainers::parse),
+        }
+    }
+}
+
+/// The pod's [`CONTAINERS_ANNOTATION`], read once when the pod is watched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedContainers {
+    /// The container names listed (an empty annotation lists none).
+    Listed(Arc<[Arc<str>]>),
+    /// A value too long to be a list of container names: no container is allowed (the pod
+    /// asked for scoping; failing open would hand its credentials to every container).
+    Unreadable,
+}
+
+impl AllowedContainers {
+    /// The annotation's value, read: names separated by commas, spaces around them ignored.
+    pub fn parse(value: &str) -> Self {
+        if value.len() > MAX_CONTAINERS_ANNOTATION_BYTES {
+            return AllowedContainers::Unreadable;
+        }
+        AllowedContainers::Listed(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(Arc::from)
+                .collect(),
+        )
+    }
+
+    /// Whether the container named `name` is allowed.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            AllowedContainers::Listed(names) => names.iter().any(|n| **n == *name),
+            AllowedContainers::Unreadable => false,
+        }
+    }
 }
 
 /// One container of a pod: the runtime's id (`containerd://<id>` without the scheme) and the name
@@ -101,6 +169,11 @@ impl Update {
             .take(MAX_ANNOTATIONS)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let allowed_containers = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CONTAINERS_ANNOTATION))
+            .map(|value| AllowedContainers::parse(value));
         let service_account = pod
             .spec
             .as_ref()
@@ -115,6 +188,7 @@ impl Update {
                 service_account: Arc::from(service_account),
                 annotations,
                 containers,
+                allowed_containers,
             },
         )
     }

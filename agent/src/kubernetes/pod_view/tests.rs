@@ -261,7 +261,10 @@ fn the_watch_client_outlasts_a_watch_call() {
         startup_taint: None,
         pod_events: false,
         call_timeout: Duration::from_secs(10),
-        retry_backoff: (Duration::from_secs(1), Duration::from_secs(30)),
+        retry_backoff: crate::backoff::Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        ),
         event_queue: 8,
         pod_view: crate::config::PodViewConfig {
             mode: crate::config::PodViewMode::Auto,

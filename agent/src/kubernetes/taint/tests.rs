@@ -13,7 +13,7 @@ fn removal() -> Removal {
     Removal {
         node: NODE.to_owned(),
         key: KEY.to_owned(),
-        backoff: (Duration::from_secs(1), Duration::from_secs(30)),
+        backoff: crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
     }
 }
 

@@ -21,9 +21,10 @@
 mod call;
 mod limits;
 
+use crate::backoff::Backoff;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 
@@ -58,7 +59,7 @@ struct Series {
 /// The Events' state: series, buckets, and the queue of series with something to send.
 pub struct Correlator {
     limits: Limits,
-    backoff: (Duration, Duration),
+    backoff: Backoff,
     reporter: Reporter,
     outcomes: Outcomes,
     series: HashMap<Key, Series>,
@@ -68,12 +69,7 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    pub fn new(
-        limits: Limits,
-        backoff: (Duration, Duration),
-        reporter: Reporter,
-        outcomes: Outcomes,
-    ) -> Self {
+    pub fn new(limits: Limits, backoff: Backoff, reporter: Reporter, outcomes: Outcomes) -> Self {
         Correlator {
             limits,
             backoff,
@@ -331,9 +327,7 @@ impl Correlator {
                     series.sent = series.count;
                     self.outcomes.abandoned.inc();
                 } else {
-                    let (first, longest) = self.backoff;
-                    let exponent = series.failures.saturating_sub(1).min(16);
-                    series.not_before = now + (first * 2u32.pow(exponent)).min(longest);
+                    series.not_before = now + self.backoff.after(series.failures);
                 }
             }
         }
