@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, read_audit_log};
-use e2e::fake_kube_api::{self, FakeKubeApi, pod_object};
+use e2e::fake_kube_api::{self, FakeKubeApi, served_with_sidecar as served};
 use e2e::node::{Pod, SimNode};
 use serde_json::{Value, json};
-
-const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
 
 /// One credential request from `pod` with the token in `token_file`; the process stays alive
 /// (so that the agent, and this test, can read its /proc/<pid>/stat) until its stdin closes.
@@ -91,19 +89,6 @@ fn validate(path: &Path) -> String {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     report
-}
-
-/// The pod as the API server serves it: its app container has the id of the cgroup its
-/// processes run in.
-fn served(node: &SimNode, pod: &Pod) -> Value {
-    pod_object(
-        node.name(),
-        &pod.namespace,
-        &pod.name,
-        &pod.uid,
-        &pod.service_account,
-        &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
-    )
 }
 
 fn ocsf_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
