@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Offline checks of deploy/: the Helm chart, the alert rules and the Grafana dashboard.
+"""Offline checks of deploy/: the Helm chart, the alert rules, the Grafana dashboard and the audit
+log's shipping configuration.
 
     python3 deploy/check.py [--bless]      (or: cargo xtask deploy-check [--bless])
 
@@ -29,6 +30,7 @@ ORIGINAL_VALUES = CHART / "tests/compat/original-values.yaml"  # an operator val
 ORIGINAL_RENDERS = ROOT / "tests/fixtures/original-chart"
 ALERTS = ROOT / "deploy/prometheus/alerts.yaml"
 ALERTS_TEST = ROOT / "deploy/prometheus/alerts_test.yaml"
+SHIPPING_VECTOR = ROOT / "deploy/shipping/vector.yaml"
 DASHBOARD = ROOT / "deploy/grafana/eks-pod-identity-agent.json"
 RUNBOOKS = ROOT / "deploy/runbooks.md"
 # Every alert's runbook_url, as alerts.yaml writes it: a path in the repository, before
@@ -255,6 +257,7 @@ FLAG_VALUES = [
     ({"agent": {"eksAuth": {"attemptTimeout": "1500ms"}}}, "--eks-auth-attempt-timeout", "1500ms"),
     ({"agent": {"eksAuth": {"callTimeout": "10s"}}}, "--eks-auth-call-timeout", "10s"),
     ({"attribution": {"maxPods": 250}}, "--max-pods", "250"),
+    ({"attribution": {"auditLog": {"format": "ocsf"}}}, "--audit-format", "ocsf"),
     ({"metrics": {"address": "::"}}, "--metrics-address", "::"),
     ({"tokenValidation": {"audience": "delegate.example"}}, "--token-audience", "delegate.example"),
 ]
@@ -575,6 +578,34 @@ def check_dashboard(known: set[str]) -> None:
     report("dashboard metric names", f"not exported by the agent: {sorted(unknown)}" if unknown else None)
 
 
+def check_shipping() -> None:
+    """deploy/shipping/vector.yaml: parses, every component's inputs name a defined source or
+    transform, every source feeds something, and its file source reads the chart's default audit log.
+    Vector's binary is not in the registries the project builds from, so this is a shape check, not
+    `vector validate`."""
+    config = yaml.safe_load(SHIPPING_VECTOR.read_text())
+    sources, transforms, sinks = (config.get(k) or {} for k in ("sources", "transforms", "sinks"))
+    problems = []
+    fed = set()
+    for kind, components in (("transform", transforms), ("sink", sinks)):
+        for name, c in components.items():
+            for i in c.get("inputs") or []:
+                fed.add(i)
+                if i not in sources and i not in transforms:
+                    problems.append(f"{kind} {name}: input {i} is not defined")
+            if not c.get("inputs"):
+                problems.append(f"{kind} {name}: no inputs")
+    problems += [f"{n} feeds nothing" for n in list(sources) + list(transforms) if n not in fed]
+    if not sinks:
+        problems.append("no sink")
+    audit_log = yaml.safe_load((CHART / "values.yaml").read_text())["attribution"]["auditLog"]["path"]
+    includes = [p for s in sources.values() if s.get("type") == "file" for p in s.get("include") or []]
+    if not any(p.rstrip("*") == audit_log for p in includes):
+        problems.append(f"no file source reads {audit_log}* (reads {includes})")
+    report("shipping: deploy/shipping/vector.yaml", "; ".join(problems) or None,
+           f"{len(sources)} sources, {len(transforms)} transforms, {len(sinks)} sinks")
+
+
 def main() -> int:
     bless = "--bless" in sys.argv[1:]
     unknown_args = [a for a in sys.argv[1:] if a != "--bless"]
@@ -598,6 +629,7 @@ def main() -> int:
     known = known_metrics()
     check_alerts(rendered, known)
     check_dashboard(known)
+    check_shipping()
     if failures:
         print(f"deploy-check: {len(failures)} failed: {', '.join(failures)}")
         return 1

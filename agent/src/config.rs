@@ -213,6 +213,16 @@ pub enum AuditSink {
     File(PathBuf),
 }
 
+/// How each audit record is written: one JSON line either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditFormat {
+    /// The agent's own record (`docs/audit-log.md`, "The native format").
+    #[default]
+    Native,
+    /// One OCSF Authentication event (class 3002) per request, for SIEMs.
+    Ocsf,
+}
+
 /// Size-based rotation of the audit log file, so that it can never fill the node's disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditRotation {
@@ -243,6 +253,8 @@ pub struct AttributionConfig {
     /// This node's name, compared with the token's node claim.
     pub node_name: Option<String>,
     pub audit: Option<AuditSink>,
+    /// The records' format.
+    pub audit_format: AuditFormat,
     /// When the audit log file is rotated, and how many rotated files are kept.
     pub audit_rotation: AuditRotation,
     /// Room in the audit queue; records beyond it are dropped and counted.

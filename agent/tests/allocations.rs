@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use http::Request;
 use pod_identity_agent::attribution::{Attribution, Caller, Policy};
-use pod_identity_agent::audit::{AuditCounters, AuditLog};
+use pod_identity_agent::audit::{AuditCounters, AuditLog, Formatter};
 use pod_identity_agent::cgroup::{CgroupInfo, PodCgroup, Qos};
 use pod_identity_agent::clock::Clock;
 use pod_identity_agent::config::{AuditRotation, AuditSink, CacheConfig, RateLimit, TokenBinding};
@@ -116,6 +116,7 @@ fn a_cached_request_allocates_a_fixed_handful_and_nothing_per_label_or_name() {
         let metrics = Metrics::new().unwrap();
         let (audit, writer) = AuditLog::start(
             AuditSink::File(dir.join("audit.log")),
+            Formatter::default(),
             AuditRotation {
                 max_size: 0,
                 max_backups: 0,

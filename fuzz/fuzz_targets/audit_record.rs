@@ -1,4 +1,5 @@
-//! Audit record serialisation (`audit::to_line`, what the writer thread writes).
+//! Audit record serialisation (`audit::to_line` and `audit::ocsf::to_line`, what the writer thread
+//! writes in each `--audit-format`).
 //!
 //! Every string field of a record is arbitrary (the ones typed `&'static str` take each of their
 //! values). Checked: the line is one JSON object, valid UTF-8, with no raw newline, carriage
@@ -9,7 +10,8 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use pod_identity_agent::audit::{
-    AuditRecord, CallerRecord, PodRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord, to_line,
+    AuditRecord, CallerRecord, PodRecord, SCHEMA_VERSION, ServedCredentials, TokenRecord, ocsf,
+    to_line,
 };
 use pod_identity_agent::proof::Proof;
 use serde_json::{Map, Value, json};
@@ -34,6 +36,23 @@ fuzz_target!(|data: &[u8]| {
     );
     let parsed: Value = serde_json::from_str(json).expect("the line parses");
     assert_eq!(parsed, expected(&record), "{json}");
+
+    // The same record as an OCSF event: one line of JSON, the class and version it declares, the
+    // access key id where OCSF keeps it.
+    let mut line = Vec::new();
+    ocsf::to_line(&record, Some("node-a"), &mut line).expect("an event serialises");
+    let text = std::str::from_utf8(&line).expect("the event is UTF-8");
+    let (json, rest) = text.split_at(text.len() - 1);
+    assert_eq!(rest, "\n", "{text:?}");
+    assert!(!json.chars().any(|c| c < ' '), "a raw control character in {json:?}");
+    let event: Value = serde_json::from_str(json).expect("the event parses");
+    assert_eq!(event["class_uid"], 3002, "{json}");
+    assert_eq!(event["metadata"]["version"], ocsf::VERSION, "{json}");
+    assert_eq!(
+        event["session"]["credential_uid"].as_str(),
+        record.credentials.as_ref().map(|c| c.access_key_id.as_str()),
+        "{json}"
+    );
 });
 
 /// The record as the schema (docs/audit-log.md) lays it out, built without serde.
@@ -51,13 +70,17 @@ fn expected(r: &AuditRecord) -> Value {
     }
     m.insert("latency_us".into(), json!(r.latency_us));
     let c = &r.caller;
-    m.insert(
-        "caller".into(),
-        json!({
-            "peer": c.peer, "cgroup_id": c.cgroup_id, "cgroup_path": c.cgroup_path,
-            "pod_uid": c.pod_uid, "container_id": c.container_id, "pid": c.pid, "comm": c.comm,
-        }),
-    );
+    let mut caller = json!({
+        "peer": c.peer, "cgroup_id": c.cgroup_id, "cgroup_path": c.cgroup_path,
+        "pod_uid": c.pod_uid, "container_id": c.container_id, "pid": c.pid, "comm": c.comm,
+    });
+    if let Some(start) = c.start_ns {
+        caller["start_ns"] = json!(start);
+    }
+    if let Some(exec_id) = &c.exec_id {
+        caller["exec_id"] = json!(exec_id);
+    }
+    m.insert("caller".into(), caller);
     if let Some(p) = &r.pod {
         let mut pod = Map::new();
         pod.insert("namespace".into(), json!(p.namespace));
@@ -129,6 +152,8 @@ fn record(u: &mut Unstructured) -> Result<AuditRecord> {
             container_id: u.arbitrary()?,
             pid: u.arbitrary()?,
             comm: u.arbitrary()?,
+            start_ns: u.arbitrary()?,
+            exec_id: u.arbitrary()?,
         },
         pod: if u.arbitrary()? {
             Some(PodRecord {

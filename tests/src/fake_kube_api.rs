@@ -42,7 +42,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-pub use pods::pod_object;
+pub use pods::{SIDECAR_ID, pod_object, served_with_sidecar};
 
 /// The API call a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

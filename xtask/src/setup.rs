@@ -22,11 +22,14 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 /// Python packages: botocore is a pod's SDK in the tests; Helm's engine and the Kubernetes schema
-/// validator check the chart offline.
+/// validator check the chart offline; the OCSF releases' JSON schemas (ocsf-json-schema, offline)
+/// and jsonschema check the audit log's `ocsf` format.
 const PIP_PACKAGES: &[(&str, &str)] = &[
     ("botocore", "botocore"),
     ("helm-python-sdk", "helm_python"),
     ("kubernetes-validate", "kubernetes_validate"),
+    ("ocsf-json-schema", "ocsf_json_schema"),
+    ("jsonschema", "jsonschema"),
 ];
 /// The cross C toolchain and linker for the image's other CPU (`cargo zigbuild`): PyPI wheels,
 /// zig itself and cargo-zigbuild's binary (which finds zig through `python3 -m ziglang`).

@@ -21,7 +21,14 @@
 //!
 //! The file is also reopened when something else rotated it away (logrotate's rename or remove):
 //! at each batch, the writer checks that the path still names the file it writes.
+//!
+//! **Formats.** [`Formatter`] writes each record in the native form ([`to_line`]) or as an OCSF
+//! event ([`ocsf`]), both from the same [`AuditRecord`], on the writer thread: the request path
+//! pays for neither. It also adds what the request path does not look up: the process's start
+//! and its Tetragon `exec_id` ([`process`]).
 
+pub mod ocsf;
+mod process;
 mod record;
 mod rotation;
 mod writer;
@@ -33,7 +40,7 @@ use std::thread::JoinHandle;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
-use crate::config::{AuditRotation, AuditSink};
+use crate::config::{AuditFormat, AuditRotation, AuditSink};
 pub use record::{
     AuditEvent, AuditRecord, CallerRecord, PodRecord, SCHEMA_VERSION, ServedCredentials,
     TokenRecord, timestamp, to_line,
@@ -72,6 +79,42 @@ impl AuditCounters {
     }
 }
 
+/// How the writer thread turns an event into a line.
+#[derive(Debug, Clone, Default)]
+pub struct Formatter {
+    pub format: AuditFormat,
+    /// This node's name (`--node-name`): the OCSF event's `device`, and part of `exec_id`.
+    pub node: Option<String>,
+}
+
+impl Formatter {
+    /// The record of `event`, with the caller's process start and `exec_id` looked up.
+    pub fn record(&self, event: &AuditEvent) -> AuditRecord {
+        let mut record = event.to_record();
+        let caller = &mut record.caller;
+        if let Some(pid) = caller.pid {
+            caller.start_ns = process::start_ns(pid);
+            caller.exec_id = match (&self.node, caller.start_ns) {
+                (Some(node), Some(start)) => Some(process::exec_id(node, start, pid)),
+                _ => None,
+            };
+        }
+        record
+    }
+
+    /// Appends `event` to `line` as one JSON line in this format.
+    ///
+    /// # Errors
+    /// Serialisation failed (it cannot for these types, whose maps all have string keys).
+    pub fn line(&self, event: &AuditEvent, line: &mut Vec<u8>) -> serde_json::Result<()> {
+        let record = self.record(event);
+        match self.format {
+            AuditFormat::Native => to_line(&record, line),
+            AuditFormat::Ocsf => ocsf::to_line(&record, self.node.as_deref(), line),
+        }
+    }
+}
+
 /// The request path's handle on the audit log. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -83,9 +126,11 @@ pub struct AuditLog {
 pub struct AuditWriter(JoinHandle<()>);
 
 impl AuditLog {
-    /// Opens the sink and starts the writer thread, which rotates a file as `rotation` says.
+    /// Opens the sink and starts the writer thread, which writes records as `format` says and
+    /// rotates a file as `rotation` says.
     pub fn start(
         sink: AuditSink,
+        format: Formatter,
         rotation: AuditRotation,
         capacity: usize,
         counters: AuditCounters,
@@ -95,7 +140,7 @@ impl AuditLog {
         let write_failed = counters.write_failed;
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_records(out, records, write_failed))
+            .spawn(move || write_records(out, &format, records, write_failed))
             .map_err(AuditError::Thread)?;
         let dropped = counters.dropped;
         Ok((AuditLog { queue, dropped }, AuditWriter(thread)))

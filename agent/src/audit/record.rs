@@ -94,6 +94,8 @@ impl AuditEvent {
                 container_id: pod.and_then(|p| p.container_id.clone()),
                 pid: process.map(|p| p.pid),
                 comm: process.map(|p| p.comm.to_string()),
+                start_ns: None,
+                exec_id: None,
             },
             pod: self.pod.as_ref().map(|viewed| PodRecord {
                 namespace: viewed.pod.namespace.to_string(),
@@ -211,6 +213,14 @@ pub struct CallerRecord {
     pub container_id: Option<String>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// The process's start, ns since boot (`/proc/<pid>/stat`'s `starttime`, read by the writer
+    /// thread); absent when the process was gone or its /proc not visible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_ns: Option<u64>,
+    /// The process in Tetragon's `exec_id` form, base64 of `<node>:<start_ns>:<pid>` (needs
+    /// `--node-name`); `docs/audit-log.md` says when it equals Tetragon's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<String>,
 }
 
 /// The caller's pod as the API server has it, keyed by the pod UID the kernel saw.

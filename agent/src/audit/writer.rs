@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use prometheus::IntCounter;
 
 use super::rotation::{LogFile, Lost};
-use super::{AuditError, AuditEvent, to_line};
+use super::{AuditError, AuditEvent, Formatter};
 use crate::config::{AuditRotation, AuditSink};
 
 /// Where records go: stdout, or a file that is rotated by size and may be rotated under us.
@@ -92,19 +92,21 @@ impl WriteErrors {
 /// The writer thread: a batch at a time, written when the queue is momentarily empty.
 pub(super) fn write_records(
     mut out: Output,
+    format: &Formatter,
     mut records: mpsc::Receiver<AuditEvent>,
     write_failed: IntCounter,
 ) {
     let mut errors = WriteErrors::new(write_failed);
     while let Some(first) = records.blocking_recv() {
         let batch = std::iter::once(first).chain(std::iter::from_fn(|| records.try_recv().ok()));
-        write_batch(&mut out, batch, &mut errors);
+        write_batch(&mut out, format, batch, &mut errors);
     }
 }
 
 /// Writes a batch of events, each as one whole line or not at all.
 pub(super) fn write_batch(
     out: &mut Output,
+    format: &Formatter,
     events: impl Iterator<Item = AuditEvent>,
     errors: &mut WriteErrors,
 ) {
@@ -114,7 +116,7 @@ pub(super) fn write_batch(
     let mut line = Vec::with_capacity(1024);
     for event in events {
         line.clear();
-        let written = match to_line(&event.to_record(), &mut line) {
+        let written = match format.line(&event, &mut line) {
             Ok(()) => out.write_line(&line),
             Err(e) => Err(Lost {
                 records: 1,

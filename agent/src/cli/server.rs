@@ -10,8 +10,8 @@ use clap::{ArgAction, Args, ValueEnum};
 
 use super::parse::*;
 use crate::config::{
-    AttributionConfig, AuditRotation, AuditSink, CacheConfig, KubernetesConfig, PodViewConfig,
-    PodViewMode, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
+    AttributionConfig, AuditFormat, AuditRotation, AuditSink, CacheConfig, KubernetesConfig,
+    PodViewConfig, PodViewMode, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 use crate::validation::{self, ValidationConfig};
@@ -108,6 +108,10 @@ pub struct ServerArgs {
     /// Audit log file, one JSON line per credential request ("-" for stdout).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// The audit records' format: native (the agent's own JSON) or ocsf (one OCSF 1.5.0
+    /// Authentication event per request, for SIEMs).
+    #[arg(long, value_enum, default_value_t = AuditFormatArg::Native)]
+    pub audit_format: AuditFormatArg,
     /// Rotate the audit log file once it reaches this size (bytes, or with a unit: 100Mi, 50MB,
     /// 10M); 0 never rotates.
     #[arg(long, default_value = "100Mi", value_parser = parse_size)]
@@ -186,6 +190,13 @@ pub enum PodViewArg {
     Off,
 }
 
+/// `--audit-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditFormatArg {
+    Native,
+    Ocsf,
+}
+
 /// `--token-binding` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BindingArg {
@@ -244,6 +255,10 @@ impl ServerArgs {
                         AuditSink::File(p)
                     }
                 }),
+                audit_format: match self.audit_format {
+                    AuditFormatArg::Native => AuditFormat::Native,
+                    AuditFormatArg::Ocsf => AuditFormat::Ocsf,
+                },
                 audit_rotation: AuditRotation {
                     max_size: self.audit_log_max_size,
                     max_backups: self.audit_log_max_backups,

@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{
-    AuditSink, CacheConfig, PodViewMode, RateLimit, ServerConfig, TokenBinding, UpstreamConfig,
+    AuditFormat, AuditSink, CacheConfig, PodViewMode, RateLimit, ServerConfig, TokenBinding,
+    UpstreamConfig,
 };
 use crate::kubernetes::taint::DEFAULT_STARTUP_TAINT;
 
@@ -168,6 +169,10 @@ fn audit_log_dash_means_stdout() {
     let c = server(&["-c", "x", "--audit-log", "-", "--token-binding", "enforce"]).unwrap();
     assert_eq!(c.attribution.audit, Some(AuditSink::Stdout));
     assert_eq!(c.attribution.token_binding, TokenBinding::Enforce);
+    assert_eq!(c.attribution.audit_format, AuditFormat::Native);
+    let c = server(&["-c", "x", "--audit-log", "-", "--audit-format", "ocsf"]).unwrap();
+    assert_eq!(c.attribution.audit_format, AuditFormat::Ocsf);
+    assert!(server(&["-c", "x", "--audit-format", "cef"]).is_err());
 }
 
 fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {

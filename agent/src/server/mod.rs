@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditCounters, AuditError, AuditLog};
+use crate::audit::{AuditCounters, AuditError, AuditLog, Formatter};
 use crate::capabilities::{self, CapabilityError};
 use crate::clock::Clock;
 use crate::config::ServerConfig;
@@ -112,6 +112,10 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Some(sink) => {
             let (log, writer) = AuditLog::start(
                 sink.clone(),
+                Formatter {
+                    format: config.attribution.audit_format,
+                    node: config.attribution.node_name.clone(),
+                },
                 config.attribution.audit_rotation,
                 config.attribution.audit_queue,
                 AuditCounters::new(&metrics),

@@ -251,6 +251,23 @@ impl State {
     }
 }
 
+/// The runtime id of the `istio-proxy` sidecar [`served_with_sidecar`] gives a pod.
+pub const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
+
+/// A simulated pod as the API server serves it: its `app` container has the id of the cgroup the
+/// pod's processes run in, an `istio-proxy` sidecar [`SIDECAR_ID`].
+#[must_use]
+pub fn served_with_sidecar(node: &crate::node::SimNode, pod: &crate::node::Pod) -> Value {
+    pod_object(
+        node.name(),
+        &pod.namespace,
+        &pod.name,
+        &pod.uid,
+        &pod.service_account,
+        &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
+    )
+}
+
 /// A pod as the API server serves it once the kubelet runs it: `Running`, with a
 /// `containerStatuses` entry (`containerd://<id>`) per `(name, runtime id)` of `containers`.
 #[must_use]

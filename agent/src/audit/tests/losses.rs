@@ -73,7 +73,12 @@ fn a_full_disk_loses_whole_records_only_and_counts_them() {
     let mut errors = WriteErrors::new(failed.clone());
     // One at a time, as records come in a quiet spell: each a batch of its own.
     for seq in 0..20 {
-        write_batch(&mut out, std::iter::once(large(seq)), &mut errors);
+        write_batch(
+            &mut out,
+            &Formatter::default(),
+            std::iter::once(large(seq)),
+            &mut errors,
+        );
     }
     let records = records_in(&path);
     assert!(
@@ -88,6 +93,11 @@ fn a_full_disk_loses_whole_records_only_and_counts_them() {
     assert_eq!(failed.get(), 20 - records.len() as u64);
     // Room again: writing resumes, whole lines.
     fs::remove_file(&path).unwrap();
-    write_batch(&mut out, std::iter::once(large(99)), &mut errors);
+    write_batch(
+        &mut out,
+        &Formatter::default(),
+        std::iter::once(large(99)),
+        &mut errors,
+    );
     assert_eq!(seqs(&records_in(&path)), [99]);
 }

@@ -3,6 +3,7 @@
 //! moved, removed or unrotatable under the writer), [`losses`] (a full queue, a full disk).
 
 mod losses;
+mod ocsf;
 mod reopen;
 mod rotation;
 
@@ -67,6 +68,7 @@ async fn write_all(path: &Path, rotation: AuditRotation, records: Vec<AuditEvent
     let counters = counters();
     let (log, writer) = AuditLog::start(
         AuditSink::File(path.to_path_buf()),
+        Formatter::default(),
         rotation,
         records.len(),
         counters.clone(),

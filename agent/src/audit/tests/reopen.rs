@@ -7,8 +7,14 @@ use super::*;
 async fn writes_json_lines_and_survives_rotation() {
     let dir = test_dir("logrotate");
     let path = dir.join("audit.log");
-    let (log, writer) =
-        AuditLog::start(AuditSink::File(path.clone()), NO_ROTATION, 16, counters()).unwrap();
+    let (log, writer) = AuditLog::start(
+        AuditSink::File(path.clone()),
+        Formatter::default(),
+        NO_ROTATION,
+        16,
+        counters(),
+    )
+    .unwrap();
     log.record(record(200));
     // Let the writer catch up before rotating, as logrotate would find it.
     for _ in 0..100 {
@@ -137,7 +143,7 @@ fn a_file_removed_during_a_backlog_gets_no_more_records() {
         }
         numbered(seq)
     });
-    write_batch(&mut out, backlog, &mut errors);
+    write_batch(&mut out, &Formatter::default(), backlog, &mut errors);
     // What was written before the removal went with the file; every record after it is at the
     // path, whole, in order.
     let records = records_in(&path);
