@@ -5,7 +5,8 @@
 //! Kubernetes API stand-in) without a call to EKS Auth, and a pod flooding the agent with connections is
 //! refused in the kernel while its neighbour is served. The API stand-in also serves the pods (the agent's
 //! pod view names each caller's container), and one pod lists the containers that may have its credentials:
-//! its sidecar is refused. Finally the whole audit log and the metrics are shown.
+//! its sidecar is refused. Then the whole audit log and the metrics are shown, and the agent is restarted with
+//! `--audit-format ocsf` to show one request's record as an OCSF event, checked against the OCSF schema.
 //!
 //! Run as root after building the agent: `cargo build -p eks-pod-identity-agent && cargo run -p e2e --bin demo`.
 //! Exits non-zero if any scenario fails. To add a scenario, write a `fn(&mut Demo) -> Result<()>` and list
@@ -164,6 +165,11 @@ fn run() -> Result<usize> {
     }
     show_audit_log(&demo);
     show_metrics(&demo);
+    println!("\n== the audit log for a SIEM: the agent restarted with --audit-format ocsf");
+    if let Err(e) = ocsf_record(&mut demo) {
+        println!("   FAILED: {e:#}");
+        failed += 1;
+    }
     teardown(demo)?;
     Ok(failed)
 }
@@ -550,6 +556,61 @@ fn flood_refused_in_kernel(demo: &mut Demo) -> Result<()> {
     }
     if denied < refused as f64 {
         bail!("the metric counts {denied} refusals, the flooder saw {refused}");
+    }
+    Ok(())
+}
+
+/// The agent restarted with `--audit-format ocsf`: one request's record as an OCSF
+/// Authentication event, checked against the OCSF schema (tests/fixtures/ocsf_validate.py).
+fn ocsf_record(demo: &mut Demo) -> Result<()> {
+    if let Some(agent) = demo.agent.take() {
+        agent.stop().context("stopping the agent")?;
+    }
+    let path = demo.node.dir().join("audit.ocsf.log");
+    let args = agent_args(&demo.node, &demo.api, &path)?
+        .args(ENFORCING)
+        .args(["--audit-format", "ocsf"]);
+    demo.agent = Some(AgentProcess::start(&demo.node, &demo.fake, args)?);
+    let pod = &demo.pods[0].pod;
+    let r = pod.python_requests(Family::V4, &pod.token_path(), 1, false)?;
+    if r.exchanges[0].status != Some(200) {
+        bail!("pod {} was not served: {:?}", pod.name, r.exchanges[0]);
+    }
+    let event = wait_audit_records(&path, 1, Duration::from_secs(5))?
+        .pop()
+        .context("no OCSF record")?;
+    let at = |pointer: &str| event.pointer(pointer).cloned().unwrap_or_default();
+    println!(
+        "   class {} ({}), OCSF {}, status {}",
+        at("/class_uid"),
+        at("/class_name"),
+        at("/metadata/version"),
+        at("/status")
+    );
+    println!(
+        "   actor: process {} pid {} (exec_id {}), container {}, user {}",
+        at("/actor/process/name"),
+        at("/actor/process/pid"),
+        at("/actor/process/uid"),
+        at("/actor/process/container/name"),
+        at("/actor/user/uid")
+    );
+    println!(
+        "   user: {} ({}), node {}",
+        at("/user/uid"),
+        at("/user/credential_uid"),
+        at("/device/hostname")
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ocsf_validate.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .context("running the OCSF validator")?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    println!("   schema check: {}", said.trim());
+    if !out.status.success() {
+        bail!("the OCSF event does not validate: {said}");
     }
     Ok(())
 }
