@@ -478,6 +478,27 @@ pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// `eks-pod-identity-agent audit who --json --access-key-id KEY --audit-log PATH`: each pod and
+/// process that received the key, as the command prints them (one JSON object a line).
+pub fn audit_who(
+    audit_log: &std::path::Path,
+    access_key_id: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let out = std::process::Command::new(agent_bin()?)
+        .args(["audit", "who", "--json", "--access-key-id", access_key_id])
+        .arg("--audit-log")
+        .arg(audit_log)
+        .output()
+        .context("running audit who")?;
+    if !out.status.success() {
+        bail!("audit who failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).context("an audit who line"))
+        .collect()
+}
+
 /// The audit log's records (one JSON object a line); empty when the file does not exist yet.
 pub fn read_audit_log(path: &std::path::Path) -> Result<Vec<serde_json::Value>> {
     let text = match std::fs::read_to_string(path) {

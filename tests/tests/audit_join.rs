@@ -167,28 +167,7 @@ fn allowed_records_carry_the_served_access_key_and_audit_who_finds_the_pod() {
 
     // `audit who` finds web-0 and only web-0 for the first key, across the rotated files.
     let bin = e2e::agent::agent_bin().unwrap();
-    let out = std::process::Command::new(&bin)
-        .args([
-            "audit",
-            "who",
-            "--json",
-            "--access-key-id",
-            &first.access_key_id,
-        ])
-        .arg("--audit-log")
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let found: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let found = e2e::agent::audit_who(&audit, &first.access_key_id).unwrap();
     // Two botocore runs: two processes of web-0, one answer each.
     assert_eq!(found.len(), 2, "{found:?}");
     for f in &found {

@@ -207,19 +207,7 @@ fn ocsf_records_validate_and_name_the_caller_role_key_and_node() {
     }
 
     // `audit who` reads the OCSF file and names the container.
-    let out = std::process::Command::new(e2e::agent::agent_bin().unwrap())
-        .args(["audit", "who", "--json", "--access-key-id", &key])
-        .arg("--audit-log")
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let found: Value =
-        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let found = e2e::agent::audit_who(&audit, &key).unwrap().remove(0);
     assert_eq!(found["container"], "app", "{found}");
     assert_eq!(found["pod_name"], "web-0");
     assert_eq!(found["pid"], allowed_pid);

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, read_audit_log};
 use e2e::clients::Family;
-use e2e::fake_kube_api::{self, FakeKubeApi, KubeFault, pod_object};
+use e2e::fake_kube_api::{self, FakeKubeApi, KubeFault, SIDECAR_ID};
 use e2e::node::{CREDENTIALS_URI_V4, Pod, SimNode};
 use serde_json::{Value, json};
 
 const ANNOTATION: &str = "eks-pod-identity-agent.amazonaws.com/containers";
-const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
+
 const DEBUG_ID: &str = "de6b00000000000000000000000000000000000000000000000000000000feed";
 const LATE_ID: &str = "1a7e00000000000000000000000000000000000000000000000000000000c0de";
 
@@ -35,14 +35,7 @@ fn scope_args(node: &SimNode, api: &FakeKubeApi, audit: &Path, mode: &str) -> Ag
 /// `pod` as the API server serves it: containers `app` (the cgroup its processes start in) and
 /// `istio-proxy`, an ephemeral `debugger`, and the containers annotation when `listed` is given.
 fn served(node: &SimNode, pod: &Pod, listed: Option<&str>) -> Value {
-    let mut object = pod_object(
-        node.name(),
-        &pod.namespace,
-        &pod.name,
-        &pod.uid,
-        &pod.service_account,
-        &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
-    );
+    let mut object = fake_kube_api::served_with_sidecar(node, pod);
     object["status"]["ephemeralContainerStatuses"] = json!([{
         "name": "debugger", "ready": false, "restartCount": 0, "image": "busybox:1",
         "imageID": "", "containerID": format!("containerd://{DEBUG_ID}"),

@@ -12,11 +12,9 @@ use std::time::Duration;
 
 use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, wait_audit_records};
 use e2e::clients::Family;
-use e2e::fake_kube_api::{self, FakeKubeApi, KubeFault, Op, pod_object};
+use e2e::fake_kube_api::{self, FakeKubeApi, KubeFault, Op, SIDECAR_ID, pod_object};
 use e2e::node::{Pod, SimNode};
 use serde_json::{Value, json};
-
-const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
 
 /// The agent's arguments with the pod view at its default (`auto`) and an audit log.
 fn view_args(node: &SimNode, api: &FakeKubeApi, audit: &std::path::Path) -> AgentArgs {
@@ -32,14 +30,7 @@ fn view_args(node: &SimNode, api: &FakeKubeApi, audit: &std::path::Path) -> Agen
 /// The simulated pod as the API server serves it: its app container has the id of the cgroup
 /// the pod's processes run in; a sidecar another.
 fn served(node: &SimNode, pod: &Pod) -> Value {
-    pod_object(
-        node.name(),
-        &pod.namespace,
-        &pod.name,
-        &pod.uid,
-        &pod.service_account,
-        &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
-    )
+    fake_kube_api::served_with_sidecar(node, pod)
 }
 
 fn wait_metric(agent: &AgentProcess, series: &str, done: impl Fn(f64) -> bool) {

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use e2e::agent::{AgentArgs, AgentProcess, start_fake_eks_auth_in, wait_audit_records};
 use e2e::cgroup::CgroupDriver;
-use e2e::clients::{Family, FetchOutcome, FloodReport};
+use e2e::clients::{Family, FetchOutcome, FloodReport, PyExchange};
 use e2e::cluster_keys::ClusterKey;
 use e2e::fake_eks_auth::FakeEksAuth;
-use e2e::fake_kube_api::{self, FakeKubeApi};
+use e2e::fake_kube_api::{self, FakeKubeApi, SIDECAR_ID};
 use e2e::node::{CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, Pod, PodSpec, SimNode};
 
 const CLUSTER: &str = "demo-cluster";
@@ -59,8 +59,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
 ];
 
-/// The runtime id of the sidecar container every demo pod runs beside its app.
-const SIDECAR_ID: &str = "5e1dcafe0000000000000000000000000000000000000000000000000000beef";
 /// The annotation listing the containers that may have a pod's credentials.
 const CONTAINERS_ANNOTATION: &str = "eks-pod-identity-agent.amazonaws.com/containers";
 
@@ -224,14 +222,7 @@ fn setup() -> Result<Demo> {
         pod.refresh_token(&fake)?;
         // The API server has the pod: its app container (where its processes run) and a
         // sidecar. The first pod lets only its app have its credentials.
-        let mut object = fake_kube_api::pod_object(
-            node.name(),
-            &pod.namespace,
-            &pod.name,
-            &pod.uid,
-            &pod.service_account,
-            &[("app", &pod.container_id), ("istio-proxy", SIDECAR_ID)],
-        );
+        let mut object = fake_kube_api::served_with_sidecar(&node, &pod);
         if pods.is_empty() {
             object["metadata"]["annotations"][CONTAINERS_ANNOTATION] = "app".into();
         }
@@ -388,17 +379,7 @@ fn replayed_token_refused(demo: &mut Demo) -> Result<()> {
     );
     let replay = thief.python_requests(Family::V4, &victim.token_path(), 1, false)?;
     let ex = &replay.exchanges[0];
-    // A 200 here (the failure this scenario looks for) carries a secret key and a session token.
-    let body = if ex.status == Some(200) {
-        "(credentials, not shown)"
-    } else {
-        ex.body.trim()
-    };
-    println!(
-        "   -> {} {body}",
-        ex.status
-            .map_or_else(|| "no response".to_owned(), |s| s.to_string()),
-    );
+    show_answer(ex);
     let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
     let record = records.iter().find(|r| r["caller"]["pid"] == replay.pid);
     if let Some(r) = record {
@@ -452,16 +433,7 @@ fn sidecar_refused(demo: &mut Demo) -> Result<()> {
     pod.enter_container(&app)?;
     let asked = asked?;
     let ex = &asked.exchanges[0];
-    let body = if ex.status == Some(200) {
-        "(credentials, not shown)"
-    } else {
-        ex.body.trim()
-    };
-    println!(
-        "   -> {} {body}",
-        ex.status
-            .map_or_else(|| "no response".to_owned(), |s| s.to_string())
-    );
+    show_answer(ex);
     let records = wait_audit_records(&demo.audit_log, 1, Duration::from_secs(5))?;
     let record = records.iter().find(|r| r["caller"]["pid"] == asked.pid);
     if let Some(r) = record {
@@ -613,6 +585,21 @@ fn ocsf_record(demo: &mut Demo) -> Result<()> {
         bail!("the OCSF event does not validate: {said}");
     }
     Ok(())
+}
+
+/// The status and body of an answer, but never credentials: a 200 where a scenario expects a
+/// refusal carries a secret key and a session token.
+fn show_answer(ex: &PyExchange) {
+    let body = if ex.status == Some(200) {
+        "(credentials, not shown)"
+    } else {
+        ex.body.trim()
+    };
+    println!(
+        "   -> {} {body}",
+        ex.status
+            .map_or_else(|| "no response".to_owned(), |s| s.to_string())
+    );
 }
 
 fn show_audit_log(demo: &Demo) {
