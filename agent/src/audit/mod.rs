@@ -93,7 +93,7 @@ impl Formatter {
         let mut record = event.to_record();
         let caller = &mut record.caller;
         if let Some(pid) = caller.pid {
-            caller.start_ns = process::start_ns(pid);
+            caller.start_ns = process::start_ns_before(pid, event.at);
             caller.exec_id = match (&self.node, caller.start_ns) {
                 (Some(node), Some(start)) => Some(process::exec_id(node, start, pid)),
                 _ => None,

@@ -33,6 +33,32 @@ fn starttime_ns(stat: &str) -> Option<u64> {
     ticks.checked_mul(1_000_000_000 / USER_HZ)
 }
 
+/// One `starttime` tick (and `/proc/uptime`'s resolution), in ns.
+const TICK_NS: u64 = 1_000_000_000 / USER_HZ;
+
+/// The start of process `pid`, ns since boot, if it started no later than `at` (the request's
+/// answer): a process that started after it is a newer one the kernel gave the caller's pid to,
+/// once the caller had exited, and is left out rather than named as the caller.
+pub(super) fn start_ns_before(pid: u32, at: std::time::SystemTime) -> Option<u64> {
+    let start = start_ns(pid)?;
+    let since = std::time::SystemTime::now()
+        .duration_since(at)
+        .unwrap_or_default();
+    let since = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+    let at_ns = uptime_ns()?.saturating_sub(since).saturating_add(TICK_NS);
+    (start <= at_ns).then_some(start)
+}
+
+/// Ns since boot (`/proc/uptime`: the boot-time clock that `starttime` counts, in hundredths
+/// of a second).
+fn uptime_ns() -> Option<u64> {
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let (secs, hundredths) = uptime.split_whitespace().next()?.split_once('.')?;
+    let secs: u64 = secs.parse().ok()?;
+    let hundredths: u64 = hundredths.get(..2)?.parse().ok()?;
+    Some(secs * 1_000_000_000 + hundredths * TICK_NS)
+}
+
 /// Tetragon's `exec_id` of the process `pid` of node `node` started at `start_ns`.
 pub(super) fn exec_id(node: &str, start_ns: u64, pid: u32) -> String {
     STANDARD.encode(format!("{node}:{start_ns}:{pid}"))
@@ -74,5 +100,15 @@ mod tests {
             "{started_s} {up_s}"
         );
         assert_eq!(start_ns(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_process_that_started_after_the_request_is_not_the_caller() {
+        let pid = std::process::id();
+        let now = std::time::SystemTime::now();
+        assert_eq!(start_ns_before(pid, now), start_ns(pid));
+        // A request answered before this process started: its pid was someone else's then.
+        let long_ago = now - std::time::Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(start_ns_before(pid, long_ago), None);
     }
 }

@@ -225,6 +225,9 @@ fn the_writer_writes_ocsf_with_this_process_exec_id() {
             comm: "cargo-test".into(),
             netns_cookie: 1,
         }),
+        // Answered now: this process was running then (a record from before it started would
+        // name another process that had its pid, and gets no exec_id).
+        at: std::time::SystemTime::now(),
         ..record(403)
     };
     let formatter = Formatter {
