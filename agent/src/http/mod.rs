@@ -7,6 +7,7 @@
 //! from the cache, or from one upstream call shared with concurrent requests for the same token.
 
 pub mod error;
+mod host;
 pub mod observe;
 
 use std::net::IpAddr;
@@ -33,6 +34,7 @@ use crate::token::{Claims, TokenError};
 use crate::validation::{Validator, Verification};
 use error::RefusalLog;
 pub use error::RequestError;
+pub use host::host_ip;
 
 /// The path every SDK's container provider is given.
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
@@ -376,25 +378,6 @@ fn share(caller: &Caller) -> Share {
         PodKey::Pod(pod) => Share::Pod(pod),
         PodKey::Unplaced => Share::Unplaced,
     }
-}
-
-/// The IP of a `Host` header: `169.254.170.23`, `169.254.170.23:80`, `[fd00:ec2::23]`,
-/// `[fd00:ec2::23]:80` (and a bare IPv6 address, which some clients send).
-pub fn host_ip(host: &str) -> Option<IpAddr> {
-    if let Some(rest) = host.strip_prefix('[') {
-        let (ip, after) = rest.split_once(']')?;
-        let port_ok = after.is_empty()
-            || after
-                .strip_prefix(':')
-                .is_some_and(|p| p.parse::<u16>().is_ok());
-        return if port_ok { ip.parse().ok() } else { None };
-    }
-    if let Ok(ip) = host.parse() {
-        return Some(ip);
-    }
-    let (ip, port) = host.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 #[cfg(test)]
