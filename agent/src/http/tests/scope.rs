@@ -12,10 +12,8 @@ const SIDECAR: &str = "63fc2f5ea961";
 /// A view with the pod [`POD`]: containers `app` and `istio-proxy`, and the containers
 /// annotation `annotation`.
 fn view(annotation: Option<&str>) -> PodView {
-    let view = PodView::new();
     let pod = PodInfo::app_and_sidecar(APP, SIDECAR, annotation);
-    view.publish(HashMap::from([(Arc::from(POD), Arc::new(pod))]));
-    view
+    PodView::with_pods(HashMap::from([(Arc::from(POD), Arc::new(pod))]))
 }
 
 /// A process the kernel placed in the container `id` of [`POD`].

@@ -45,7 +45,7 @@ impl PodView {
         PodView::default()
     }
 
-    /// A view holding `pods` (benchmarks; the task fills a running agent's).
+    /// A view holding `pods` (benchmarks and tests; the task fills a running agent's).
     #[doc(hidden)]
     pub fn with_pods(pods: Pods) -> Self {
         let view = PodView::new();
@@ -68,7 +68,7 @@ impl PodView {
     }
 
     /// Replaces the view (the task's side).
-    pub(crate) fn publish(&self, pods: Pods) {
+    fn publish(&self, pods: Pods) {
         self.pods.store(Arc::new(pods));
     }
 }
@@ -85,15 +85,6 @@ pub struct ViewedPod {
 }
 
 impl ViewedPod {
-    /// The view's pod with the UID `uid` (the kernel's), compared with `claims`.
-    pub fn find(
-        view: &PodView,
-        uid: &str,
-        claims: Option<&crate::token::Claims>,
-    ) -> Option<ViewedPod> {
-        Some(ViewedPod::new(view.get(uid)?, uid, claims))
-    }
-
     /// `pod`, the view's pod with the UID `uid` (the kernel's), compared with `claims`.
     pub fn new(pod: Arc<PodInfo>, uid: &str, claims: Option<&crate::token::Claims>) -> ViewedPod {
         let token_matches = claims.map(|c| token_matches(uid, &pod, c));

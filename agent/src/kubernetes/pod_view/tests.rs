@@ -243,13 +243,11 @@ fn a_token_matches_only_its_own_pod() {
     }
     let view = PodView::new();
     view.publish(Pods::from([(Arc::from(UID), Arc::new(info))]));
-    let found = ViewedPod::find(&view, UID, Some(&claims("shop", "admin", "x", UID))).unwrap();
+    let pod = view.get(UID).unwrap();
+    let found = ViewedPod::new(pod.clone(), UID, Some(&claims("shop", "admin", "x", UID)));
     assert_eq!(found.token_matches, Some(false));
-    assert_eq!(
-        ViewedPod::find(&view, UID, None).unwrap().token_matches,
-        None
-    );
-    assert!(ViewedPod::find(&view, &uid(9), None).is_none());
+    assert_eq!(ViewedPod::new(pod, UID, None).token_matches, None);
+    assert!(view.get(&uid(9)).is_none());
 }
 
 /// The watch runs on a client that reads longer than a watch call lasts (and longer than the
