@@ -31,6 +31,7 @@ use crate::cgroup::{Cached, CgroupResolver};
 use crate::config::{RateLimit, TokenBinding};
 use crate::credentials::cache::{Entry, KeepPredicate};
 use crate::ebpf::Callers;
+use crate::kubernetes::pod_view::PodView;
 use crate::limiter::KeyedLimiter;
 use crate::token::Claims;
 
@@ -265,11 +266,15 @@ impl Attribution {
         known.insert(pod_uid, Arc::from(namespace));
     }
 
-    /// The namespace of the pod a cgroup belongs to, when a request from it has shown it.
-    /// May walk the cgroup tree: blocking, for background work.
-    pub fn namespace_of_cgroup(&self, cgroup_id: u64) -> Option<Arc<str>> {
+    /// The namespace of the pod a cgroup belongs to: as `view` (the API server) has the pod, else
+    /// as EKS Auth verified it for a request from the pod. May walk the cgroup tree: blocking, for
+    /// background work.
+    pub fn namespace_of_cgroup(&self, cgroup_id: u64, view: Option<&PodView>) -> Option<Arc<str>> {
         let info = self.resolver.as_ref()?.resolve(cgroup_id)?;
         let pod = info.pod.as_ref()?;
+        if let Some(viewed) = view.and_then(|v| v.get(&pod.pod_uid)) {
+            return Some(viewed.namespace.clone());
+        }
         self.namespaces.read().ok()?.get(&pod.pod_uid).cloned()
     }
 

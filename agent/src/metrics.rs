@@ -269,7 +269,7 @@ impl Metrics {
             )?,
             connections_denied: counter_vec(
                 "pod_identity_connections_denied_total",
-                "Connections to the agent refused in the kernel (EPERM) by the per-pod connect rate or open-connection cap, by namespace.",
+                "Connections to the agent refused in the kernel (EPERM) by the per-pod connect rate or open-connection cap, by the pod's namespace (the pod view's, else as EKS Auth verified it for a request from the pod, else unknown).",
                 &["namespace"],
             )?,
             kernel_events: counter_vec(
@@ -284,7 +284,7 @@ impl Metrics {
             )?,
             requests_by_namespace: counter_vec(
                 "pod_identity_requests_total",
-                "Credential requests by the caller's namespace (from the token) and HTTP status code.",
+                "Credential requests by the namespace of the caller's pod (the pod view's, else as EKS Auth verified it; never the token's claims) and HTTP status code.",
                 &["namespace", "code"],
             )?,
             audit_dropped,

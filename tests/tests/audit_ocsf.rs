@@ -172,6 +172,10 @@ fn ocsf_records_validate_and_name_the_caller_role_key_and_node() {
     assert_eq!(ok["user"]["credential_uid"], key.as_str());
     assert_eq!(ok["session"]["credential_uid"], key.as_str());
     assert_eq!(ok["device"]["hostname"], node.name());
+    assert_eq!(
+        ok["metadata"]["tags"],
+        json!([{"name": "k8s.cluster.name", "value": fake.cluster()}])
+    );
     // Tetragon's exec_id of the live caller: base64("<node>:<ktime>:<pid>").
     let exec_id = format!("{}:{}:{}", node.name(), allowed.start_ns(), allowed.pid);
     assert_eq!(

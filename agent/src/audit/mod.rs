@@ -83,7 +83,10 @@ impl AuditCounters {
 #[derive(Debug, Clone, Default)]
 pub struct Formatter {
     pub format: AuditFormat,
-    /// This node's name (`--node-name`): the OCSF event's `device`, and part of `exec_id`.
+    /// The cluster's name (`--cluster-name`), in every record.
+    pub cluster: Option<String>,
+    /// This node's name (`--node-name`), in every record (the OCSF event's `device`), and part
+    /// of `exec_id`.
     pub node: Option<String>,
 }
 
@@ -91,6 +94,8 @@ impl Formatter {
     /// The record of `event`, with the caller's process start and `exec_id` looked up.
     pub fn record(&self, event: &AuditEvent) -> AuditRecord {
         let mut record = event.to_record();
+        record.cluster.clone_from(&self.cluster);
+        record.node.clone_from(&self.node);
         let caller = &mut record.caller;
         if let Some(pid) = caller.pid {
             caller.start_ns = process::start_ns_before(pid, event.at);
@@ -110,7 +115,7 @@ impl Formatter {
         let record = self.record(event);
         match self.format {
             AuditFormat::Native => to_line(&record, line),
-            AuditFormat::Ocsf => ocsf::to_line(&record, self.node.as_deref(), line),
+            AuditFormat::Ocsf => ocsf::to_line(&record, line),
         }
     }
 }

@@ -76,11 +76,14 @@ struct Metadata {
     profiles: [&'static str; 2],
     product: Value,
     log_name: &'static str,
+    /// The cluster, as `k8s.cluster.name` (OpenTelemetry's name): OCSF has no attribute for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<Value>,
 }
 
 impl<'a> Event<'a> {
-    /// The event of `record`; `node` is this node's name (`device.hostname`).
-    pub fn new(record: &'a AuditRecord, node: Option<&str>) -> Self {
+    /// The event of `record`.
+    pub fn new(record: &'a AuditRecord) -> Self {
         let allowed = record.outcome == "allowed";
         let (severity_id, severity) = match record.outcome {
             "allowed" => (1, "Informational"),
@@ -113,6 +116,10 @@ impl<'a> Event<'a> {
                 profiles: PROFILES,
                 product: json!({"name": PRODUCT, "version": env!("CARGO_PKG_VERSION")}),
                 log_name: "audit",
+                tags: record
+                    .cluster
+                    .as_ref()
+                    .map(|c| json!([{"name": "k8s.cluster.name", "value": c}])),
             },
             user: user(record),
             actor: actor(record),
@@ -123,7 +130,10 @@ impl<'a> Event<'a> {
                 }
                 session
             }),
-            device: node.map(|n| json!({"hostname": n, "name": n, "type_id": 1, "type": "Server"})),
+            device: record
+                .node
+                .as_ref()
+                .map(|n| json!({"hostname": n, "name": n, "type_id": 1, "type": "Server"})),
             src_endpoint: endpoint(&record.caller.peer),
             unmapped: unmapped(record),
         }
@@ -134,12 +144,8 @@ impl<'a> Event<'a> {
 ///
 /// # Errors
 /// Serialisation failed (it cannot for these types, whose maps all have string keys).
-pub fn to_line(
-    record: &AuditRecord,
-    node: Option<&str>,
-    line: &mut Vec<u8>,
-) -> serde_json::Result<()> {
-    serde_json::to_writer(&mut *line, &Event::new(record, node))?;
+pub fn to_line(record: &AuditRecord, line: &mut Vec<u8>) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *line, &Event::new(record))?;
     line.push(b'\n');
     Ok(())
 }

@@ -86,6 +86,8 @@ impl AuditEvent {
             reason: self.reason.clone(),
             cache: self.lookup.map(Lookup::as_str),
             latency_us: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
+            cluster: None,
+            node: None,
             caller: CallerRecord {
                 peer: self.peer.to_string(),
                 cgroup_id: process.map(|p| p.cgroup_id),
@@ -152,6 +154,12 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<&'static str>,
     pub latency_us: u64,
+    /// The EKS cluster (`--cluster-name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// This node (`--node-name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub caller: CallerRecord,
     /// The pod the kernel placed the caller in, named by the pod view (the API server's pods of
     /// this node); absent when the view does not know it (or is off).

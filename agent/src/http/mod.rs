@@ -155,11 +155,13 @@ impl<R: Retriever> Endpoint<R> {
         self.metrics.http_response.with_label_values(&[code]).inc();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         if req.uri().path() == CREDENTIALS_PATH {
-            // Only what EKS Auth verified: a token's claims would let anyone fill the label set.
-            let namespace = exchange
-                .issued
-                .as_deref()
-                .map_or("", |issued| issued.association.namespace.as_str());
+            // The namespace of the pod the kernel saw, as the API server has it; else what EKS
+            // Auth verified. Never a token's claims: they would let anyone fill the label set.
+            let namespace = match (&exchange.pod, exchange.issued.as_deref()) {
+                (Some(pod), _) => &*pod.namespace,
+                (None, Some(issued)) => issued.association.namespace.as_str(),
+                (None, None) => "",
+            };
             self.metrics
                 .requests_by_namespace
                 .with_label_values(&[&self.namespaces.label(namespace), code])

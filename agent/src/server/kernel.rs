@@ -15,6 +15,7 @@ use crate::attribution::{Attribution, Policy};
 use crate::cgroup::{self, CgroupResolver, KubeletLayout};
 use crate::config::{RateLimit, ServerConfig, TokenBinding};
 use crate::ebpf::{self, AttachConfig, EbpfError, Programs};
+use crate::kubernetes::pod_view::PodView;
 use crate::metrics::{Metrics, NamespaceLabels};
 
 /// How often the kernel's counters are read into the metrics, and idle pods' request allowances
@@ -130,12 +131,13 @@ fn kernel_open_cap(pod_max_connections: u32) -> u32 {
 
 /// Off the request path, every [`BACKGROUND_EVERY`] until shutdown: adds the kernel's
 /// per-cgroup refusal counts to `pod_identity_connections_denied_total` (labelled with the pod's
-/// namespace where a request from it has shown it, else `unknown`), keeps the kernel's pod parents
+/// namespace as the pod view has it, else as a request from it has shown it, else `unknown`), keeps the kernel's pod parents
 /// and per-pod state current, and forgets idle pods' request allowances. Map reads and cgroup
 /// resolution are blocking: on the blocking pool.
 pub(super) async fn background(
     programs: Option<Arc<Programs>>,
     attribution: Arc<Attribution>,
+    pod_view: Option<PodView>,
     namespaces: Arc<NamespaceLabels>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -149,9 +151,10 @@ pub(super) async fn background(
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let (programs, attribution, namespaces, metrics) = (
+        let (programs, attribution, pod_view, namespaces, metrics) = (
             programs.clone(),
             attribution.clone(),
+            pod_view.clone(),
             namespaces.clone(),
             metrics.clone(),
         );
@@ -162,7 +165,12 @@ pub(super) async fn background(
             match &programs {
                 Some(programs) => {
                     // Counted first: pruning drops the counters of pods that are gone.
-                    let after = count_denied(programs, &attribution, &namespaces, &metrics, before);
+                    let labels = Labels {
+                        attribution: &attribution,
+                        pod_view: pod_view.as_ref(),
+                        namespaces: &namespaces,
+                    };
+                    let after = count_denied(programs, &labels, &metrics, before);
                     let events = count_kernel_events(programs, &metrics, events_before);
                     maintain_kernel_state(programs, &attribution);
                     (after, events)
@@ -223,12 +231,18 @@ fn count_kernel_events(
     now
 }
 
+/// What names a cgroup's namespace in the metrics.
+struct Labels<'a> {
+    attribution: &'a Attribution,
+    pod_view: Option<&'a PodView>,
+    namespaces: &'a NamespaceLabels,
+}
+
 /// Adds what each cgroup was refused since `before` (cgroup id → refusals already counted);
 /// returns the new counts, of the cgroups the kernel still has.
 fn count_denied(
     programs: &Programs,
-    attribution: &Attribution,
-    namespaces: &NamespaceLabels,
+    labels: &Labels<'_>,
     metrics: &Metrics,
     before: HashMap<u64, u64>,
 ) -> HashMap<u64, u64> {
@@ -243,8 +257,12 @@ fn count_denied(
     for (cgroup_id, c) in counters {
         let counted = before.get(&cgroup_id).copied().unwrap_or(0);
         if c.denied > counted {
-            let namespace = attribution.namespace_of_cgroup(cgroup_id);
-            let label = namespaces.label(namespace.as_deref().unwrap_or("unknown"));
+            let namespace = labels
+                .attribution
+                .namespace_of_cgroup(cgroup_id, labels.pod_view);
+            let label = labels
+                .namespaces
+                .label(namespace.as_deref().unwrap_or("unknown"));
             metrics
                 .connections_denied
                 .with_label_values(&[&label])

@@ -114,6 +114,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
                 sink.clone(),
                 Formatter {
                     format: config.attribution.audit_format,
+                    cluster: Some(config.cluster_name.clone()),
                     node: config.attribution.node_name.clone(),
                 },
                 config.attribution.audit_rotation,
@@ -154,7 +155,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
             clock,
         )
         .with_events(handles.events)
-        .with_pod_view(handles.pod_view)
+        .with_pod_view(handles.pod_view.clone())
         .with_validator(validator),
     );
 
@@ -190,6 +191,7 @@ pub async fn serve(config: ServerConfig, shutdown: CancellationToken) -> Result<
     tasks.spawn(background(
         programs.clone(),
         attribution.clone(),
+        handles.pod_view,
         namespaces,
         metrics.clone(),
         shutdown.clone(),

@@ -23,6 +23,8 @@ fn allowed() -> AuditRecord {
         reason: None,
         cache: Some("miss"),
         latency_us: 2500,
+        cluster: Some("prod-eu".into()),
+        node: None,
         caller: CallerRecord {
             peer: "169.254.200.7:40112".into(),
             cgroup_id: Some(4242),
@@ -74,6 +76,8 @@ fn anonymous() -> AuditRecord {
         reason: Some("no Authorization header".into()),
         cache: None,
         latency_us: 40,
+        cluster: None,
+        node: None,
         caller: CallerRecord {
             peer: "[::1]:5000".into(),
             ..CallerRecord::default()
@@ -105,8 +109,12 @@ fn mismatched() -> AuditRecord {
 }
 
 fn event(record: &AuditRecord, node: Option<&str>) -> Value {
+    let record = AuditRecord {
+        node: node.map(str::to_owned),
+        ..record.clone()
+    };
     let mut line = Vec::new();
-    ocsf::to_line(record, node, &mut line).unwrap();
+    ocsf::to_line(&record, &mut line).unwrap();
     assert_eq!(line.last(), Some(&b'\n'));
     assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
     serde_json::from_slice(&line).unwrap()
@@ -176,6 +184,10 @@ fn an_allowed_request_names_the_actor_role_key_and_node() {
     assert_eq!(e["session"]["credential_uid"], "ASIAEXAMPLEKEY");
     assert_eq!(e["session"]["expiration_time"], 1_795_708_800_000_u64);
     assert_eq!(e["device"]["hostname"], "node-a");
+    assert_eq!(
+        e["metadata"]["tags"],
+        serde_json::json!([{"name": "k8s.cluster.name", "value": "prod-eu"}])
+    );
     assert_eq!(e["src_endpoint"]["ip"], "169.254.200.7");
     assert_eq!(e["unmapped"]["binding"], "match");
     assert_eq!(e["unmapped"]["container_scope"], "listed");
@@ -232,6 +244,7 @@ fn the_writer_writes_ocsf_with_this_process_exec_id() {
     };
     let formatter = Formatter {
         format: crate::config::AuditFormat::Ocsf,
+        cluster: Some("prod-eu".into()),
         node: Some("node-a".into()),
     };
     let mut out = writer::Output::open(AuditSink::File(path.clone()), NO_ROTATION).unwrap();
@@ -268,5 +281,9 @@ fn the_writer_writes_ocsf_with_this_process_exec_id() {
     native.line(&event, &mut line).unwrap();
     let native: Value = serde_json::from_slice(&line).unwrap();
     assert_eq!(native["caller"]["exec_id"], exec_id);
+    // And the cluster and node, as the OCSF event does.
+    assert_eq!(native["cluster"], "prod-eu");
+    assert_eq!(native["node"], "node-a");
+    assert_eq!(lines[0]["metadata"]["tags"][0]["value"], "prod-eu");
     fs::remove_dir_all(&dir).unwrap();
 }

@@ -112,3 +112,36 @@ async fn audit_mode_and_pods_without_the_annotation_serve_every_container() {
         .with_pod_view(Some(PodView::new()));
     assert_eq!(fetch(&unknown, &t, &in_container(SIDECAR)).await.0, 200);
 }
+
+/// The `namespace` labels of the `pod_identity_requests_total` series with `code`.
+fn namespace_label(e: &Endpoint<Arc<Upstream>>, code: &str) -> Vec<String> {
+    let text = String::from_utf8(e.metrics.render()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("pod_identity_requests_total{") && l.contains(code))
+        .filter_map(|l| {
+            let rest = &l[l.find("namespace=\"")? + "namespace=\"".len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn requests_are_counted_under_the_namespace_of_the_pod_the_view_has() {
+    let up = Arc::new(Upstream::default());
+    let e = scoped_endpoint(&up, TokenBinding::Enforce, Some("app"));
+    // Refused before EKS Auth could verify anything: still the pod's namespace, from the view.
+    let t = token(POD, "cart", "j1");
+    assert_eq!(fetch(&e, &t, &in_container(SIDECAR)).await.0, 403);
+    assert_eq!(namespace_label(&e, r#"code="403""#), ["shop"]);
+    // A token naming another namespace changes nothing: the kernel's pod is in `shop`.
+    let now = Clock::System.unix_now();
+    let claims_other = unsigned_token(&json!({
+        "aud": ["pods.eks.amazonaws.com"], "exp": now + 86400, "iat": now, "nbf": now, "jti": "j2",
+        "sub": "system:serviceaccount:forged:cart",
+        "kubernetes.io": {"namespace": "forged", "pod": {"name": "cart", "uid": POD},
+                          "serviceaccount": {"name": "cart", "uid": "s"}}
+    }));
+    fetch(&e, &claims_other, &in_container(APP)).await;
+    let text = String::from_utf8(e.metrics.render()).unwrap();
+    assert!(!text.contains("forged"), "{text}");
+}
