@@ -25,9 +25,10 @@
 //! - **pod key**: whose allowance a caller spends: the pod the kernel placed it in, or one key
 //!   for every caller placed in no pod ([`attribution::PodKey`]); never what a token claims.
 //! - **limiter**: a per-pod or node-wide cap: open connections and connects (in the kernel),
-//!   requests per second ([`limiter`]). A limiter refuses; it never queues.
+//!   requests per second and each pod's Events ([`limiter`]). A limiter refuses; it never queues.
 //! - **admission**: the queue and pace of calls to EKS Auth ([`credentials::admission`]): pods'
-//!   first requests before renewals, each pod in its own queue. Only that.
+//!   first requests before renewals, each pod in its own queue, at a pace that follows EKS
+//!   Auth's answers (congestion control, not a limiter). Only that.
 //! - **binding**: comparing a token's pod and node claims with the caller's pod
 //!   ([`attribution::Binding`]); refused under `--token-binding enforce`.
 //! - **scope**: which containers of a pod may receive its credentials (the pod's annotation,

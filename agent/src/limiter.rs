@@ -3,11 +3,13 @@
 //! node-wide request rate); [`KeyedLimiter`] one per key (each pod's request rate, keyed by the
 //! pod the kernel saw). A limiter refuses, with how long to wait; it never queues.
 //!
-//! Two buckets are not these, on purpose. The admission path's pace towards EKS Auth
-//! ([`crate::credentials::admission`]) changes its rate with every throttling answer, where a
-//! governor quota is fixed. The Events' spam filter ([`crate::kubernetes::events`]) asks when a
-//! pod's next call may go without taking it, to schedule its queue; governor only answers when
-//! it refuses.
+//! The Events' spam filter ([`crate::kubernetes::events`]) is a keyed one too: one allowance per
+//! pod, refilled every few minutes; a refusal's wait is when its queue looks again.
+//!
+//! One pace is not a limiter, on purpose: the admission path's towards EKS Auth
+//! ([`crate::credentials::admission`]) is congestion control. It moves its rate with every
+//! answer (AIMD), hands an unused call back, and tells a queued request when its turn should come;
+//! a limiter's quota is fixed, and what it took stays taken.
 
 use std::hash::Hash;
 use std::num::NonZeroU32;
@@ -83,15 +85,23 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// `None` when `rate` is 0 per second (no limit).
     pub fn new(rate: RateLimit) -> Option<Self> {
+        Some(Self::with_quota(quota(rate)?))
+    }
+
+    /// A burst of `burst` (at least 1), then one per `period` (at least 1 ns).
+    pub fn every(period: Duration, burst: u32) -> Self {
+        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+            .expect("a period of 1 ns or more")
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        Self::with_quota(quota)
+    }
+
+    fn with_quota(quota: Quota) -> Self {
         let clock = TokioClock::default();
-        Some(KeyedLimiter {
-            limiter: RateLimiter::new(
-                quota(rate)?,
-                DefaultKeyedStateStore::default(),
-                clock.clone(),
-            ),
+        KeyedLimiter {
+            limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock.clone()),
             clock,
-        })
+        }
     }
 
     /// Takes one from `key`'s allowance; `Err` says when to retry.
@@ -136,6 +146,24 @@ mod tests {
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(limiter.check(), Ok(()));
         assert!(Limiter::new(rate(0, 5)).is_none(), "0 per second: no limit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_allowance_every_period_refills_one_per_period() {
+        let limiter = KeyedLimiter::every(Duration::from_secs(300), 2);
+        assert_eq!(limiter.check(&"pod"), Ok(()));
+        assert_eq!(limiter.check(&"pod"), Ok(()));
+        assert_eq!(limiter.check(&"pod"), Err(Duration::from_secs(300)));
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(limiter.check(&"pod"), Err(Duration::from_secs(200)));
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert_eq!(limiter.check(&"pod"), Ok(()));
+        assert!(
+            limiter.check(&"pod").is_err(),
+            "one per period, not a new burst"
+        );
+        let never_zero = KeyedLimiter::every(Duration::ZERO, 0);
+        assert_eq!(never_zero.check(&"pod"), Ok(()), "a burst of 0 is 1");
     }
 
     #[tokio::test(start_paused = true)]

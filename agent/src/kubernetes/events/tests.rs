@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::correlator::{Correlator, Limits};
+use super::correlator::{Correlator, Limits, Sent};
 use super::*;
 use crate::kubernetes::fake::FakeApi;
 use crate::kubernetes::{ApiErrors, Operation};
@@ -329,4 +329,45 @@ fn series_are_bounded() {
     }
     assert_eq!(c.len(), 3);
     assert_eq!(outcome(&metrics, "abandoned"), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn allowances_are_bounded_with_the_series() {
+    let metrics = Metrics::new().unwrap();
+    let (_recorder, inbox) = channel(1, &metrics);
+    let limits = Limits {
+        max_series: 3,
+        ..Limits::kubelet()
+    };
+    let mut c = Correlator::new(
+        limits,
+        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+        Reporter {
+            host: String::new(),
+        },
+        inbox.outcomes.clone(),
+    );
+    for i in 0..10 {
+        let uid = format!("00000000-0000-4000-8000-{i:012}");
+        let now = tokio::time::Instant::now();
+        c.observe(
+            verified(Reason::AccessDenied, &uid),
+            &|_| None,
+            now,
+            SystemTime::now(),
+        );
+        let call = c
+            .next_call(now)
+            .expect("a new pod's first call goes at once");
+        c.finished(
+            Sent {
+                call,
+                result: Ok(Default::default()),
+            },
+            now,
+        );
+        assert!(c.allowances() <= 3, "{} allowances", c.allowances());
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(c.len(), 3);
 }

@@ -1,9 +1,10 @@
 //! The kubelet's limits (client-go's `EventCorrelator` constants, and ours for throttling), and the
-//! token bucket each pod's API calls draw from.
+//! allowance each pod's API calls draw from.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::limiter::KeyedLimiter;
 
 /// The kubelet's limits, and ours for throttling.
 #[derive(Debug, Clone)]
@@ -36,23 +37,9 @@ impl Limits {
             max_attempts: 12,
         }
     }
-}
 
-/// A token bucket.
-pub(super) struct Bucket {
-    pub(super) tokens: f64,
-    pub(super) at: Instant,
-}
-
-impl Bucket {
-    pub(super) fn refill(&mut self, now: Instant, limits: &Limits) {
-        let gained = now.duration_since(self.at).as_secs_f64() / limits.refill.as_secs_f64();
-        self.tokens = (self.tokens + gained).min(f64::from(limits.burst));
-        self.at = now;
-    }
-
-    pub(super) fn next_token(&self, limits: &Limits) -> Instant {
-        let missing = (1.0 - self.tokens).max(0.0);
-        self.at + limits.refill.mul_f64(missing)
+    /// One allowance per pod: [`Limits::burst`] calls, then one per [`Limits::refill`].
+    pub(super) fn allowance(&self) -> KeyedLimiter<Arc<str>> {
+        KeyedLimiter::every(self.refill, self.burst)
     }
 }

@@ -5,23 +5,24 @@
 //!   (`POST`), the next ones raise its `count` and `lastTimestamp` (and `series`) and replace its
 //!   message (a strategic merge `PATCH`, as the kubelet sends). Where the kubelet keys by message
 //!   too, this keys by (pod UID, reason) only: the messages of one reason differ in little else.
-//! - **Spam filter.** API calls per pod draw from a token bucket: a burst of 25, then one per 5
-//!   minutes. Unlike the kubelet's, an observation held back is not lost: it is counted into the
+//! - **Spam filter.** API calls per pod draw from the pod's allowance in one
+//!   [`KeyedLimiter`](crate::limiter::KeyedLimiter): a burst of 25, then one per 5 minutes. Unlike the kubelet's, an observation held back is not lost: it is counted into the
 //!   series, and the next call carries the count.
 //! - **Repeated throttling only.** A single 429 is normal life for an SDK; throttling is reported
 //!   once a pod was throttled 3 times within a minute.
-//! - **Bounded.** At most 4096 series (the least recently seen goes first), as many buckets, and a
-//!   short memory of pods that could not be named. A failed call is retried with backoff, up to
+//! - **Bounded.** At most 4096 series (the least recently seen goes first), as many pod
+//!   allowances, and a short memory of pods that could not be named. A failed call is retried with backoff, up to
 //!   12 attempts (client-go's), then its update is abandoned and counted.
 //!
 //! Plain state and decisions, no I/O: [`super::run`] feeds it and sends what it asks. The parts:
-//! [`limits`] (the constants and the per-pod token bucket), [`call`] (the API calls, built from a
+//! [`limits`] (the constants and the per-pod allowance), [`call`] (the API calls, built from a
 //! series).
 
 mod call;
 mod limits;
 
 use crate::backoff::Backoff;
+use crate::limiter::KeyedLimiter;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -29,7 +30,6 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 pub use call::{Call, Key, Reporter, Sent};
-use limits::Bucket;
 pub use limits::Limits;
 
 use super::message::message;
@@ -53,17 +53,19 @@ struct Series {
     sending: bool,
     queued: bool,
     failures: u32,
+    /// Not sent before: the backoff after a failed call, or the pod's allowance refilling.
     not_before: Instant,
 }
 
-/// The Events' state: series, buckets, and the queue of series with something to send.
+/// The Events' state: series, the pods' allowances, and the queue of series with something to
+/// send.
 pub struct Correlator {
     limits: Limits,
     backoff: Backoff,
     reporter: Reporter,
     outcomes: Outcomes,
     series: HashMap<Key, Series>,
-    buckets: HashMap<Arc<str>, Bucket>,
+    allowances: KeyedLimiter<Arc<str>>,
     unnamed: HashMap<Arc<str>, Instant>,
     pending: VecDeque<Key>,
 }
@@ -71,12 +73,12 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(limits: Limits, backoff: Backoff, reporter: Reporter, outcomes: Outcomes) -> Self {
         Correlator {
+            allowances: limits.allowance(),
             limits,
             backoff,
             reporter,
             outcomes,
             series: HashMap::new(),
-            buckets: HashMap::new(),
             unnamed: HashMap::new(),
             pending: VecDeque::new(),
         }
@@ -89,6 +91,12 @@ impl Correlator {
 
     pub fn is_empty(&self) -> bool {
         self.series.is_empty()
+    }
+
+    /// Pods with an allowance in memory.
+    #[cfg(test)]
+    pub fn allowances(&self) -> usize {
+        self.allowances.len()
     }
 
     /// Counts an observation into its pod's series. `names` is asked only for a pod the agent
@@ -212,11 +220,13 @@ impl Correlator {
         {
             self.outcomes.abandoned.inc();
         }
-        // Buckets of pods without a series are full again soon enough: forget them first.
-        if self.buckets.len() >= self.limits.max_series {
-            let live: std::collections::HashSet<&Arc<str>> =
-                self.series.keys().map(|(uid, _)| uid).collect();
-            self.buckets.retain(|uid, _| live.contains(uid));
+        // Allowances refilled whole are as good as new: forget them. Past the bound even so,
+        // forget them all (every pod starts again with a burst): memory stays bounded.
+        if self.allowances.len() >= self.limits.max_series {
+            self.allowances.prune();
+            if self.allowances.len() >= self.limits.max_series {
+                self.allowances = self.limits.allowance();
+            }
         }
     }
 
@@ -229,7 +239,7 @@ impl Correlator {
                 || series.count >= self.limits.throttle_repeats)
     }
 
-    /// The next API call due at `now`, if any (taking a token of its pod's bucket).
+    /// The next API call due at `now`, if any (taking one from its pod's allowance).
     pub fn next_call(&mut self, now: Instant) -> Option<Call> {
         for _ in 0..self.pending.len() {
             let key = self.pending.pop_front()?;
@@ -246,17 +256,14 @@ impl Correlator {
                 self.pending.push_back(key);
                 continue;
             }
-            let limits = &self.limits;
-            let bucket = self.buckets.entry(key.0.clone()).or_insert(Bucket {
-                tokens: f64::from(limits.burst),
-                at: now,
-            });
-            bucket.refill(now, limits);
-            if bucket.tokens < 1.0 {
+            if let Err(wait) = self.allowances.check(&key.0) {
+                // Not before the allowance has one again: what `next_due` tells the task.
+                if let Some(series) = self.series.get_mut(&key) {
+                    series.not_before = now + wait;
+                }
                 self.pending.push_back(key);
                 continue;
             }
-            bucket.tokens -= 1.0;
             let call = self.call(&key);
             if let Some(series) = self.series.get_mut(&key) {
                 series.queued = false;
@@ -267,7 +274,8 @@ impl Correlator {
         None
     }
 
-    /// When a queued series can next be sent (its backoff over and a token in its bucket).
+    /// When a queued series can next be sent: its backoff over, and its pod's allowance refilled
+    /// as far as [`Correlator::next_call`] last found it short.
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
         self.pending
             .iter()
@@ -276,18 +284,7 @@ impl Correlator {
                 if !self.wants_to_send(series, key.1) {
                     return Some(now);
                 }
-                let token = match self.buckets.get(&key.0) {
-                    Some(bucket) => {
-                        let mut bucket = Bucket {
-                            tokens: bucket.tokens,
-                            at: bucket.at,
-                        };
-                        bucket.refill(now, &self.limits);
-                        bucket.next_token(&self.limits)
-                    }
-                    None => now,
-                };
-                Some(series.not_before.max(token))
+                Some(series.not_before)
             })
             .min()
     }
