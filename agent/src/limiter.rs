@@ -88,10 +88,11 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         Some(Self::with_quota(quota(rate)?))
     }
 
-    /// A burst of `burst` (at least 1), then one per `period` (at least 1 ns).
+    /// A burst of `burst` (at least 1), then one per `period` (a zero period: as fast as
+    /// governor counts).
     pub fn every(period: Duration, burst: u32) -> Self {
-        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
-            .expect("a period of 1 ns or more")
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
         Self::with_quota(quota)
     }

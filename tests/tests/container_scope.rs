@@ -213,6 +213,20 @@ fn under_enforce_only_the_listed_containers_of_a_pod_get_its_credentials() {
         let series = format!("pod_identity_container_scope_total{{result=\"{result}\"}}");
         assert_eq!(agent.metric(&series).unwrap(), count(result), "{series}");
     }
+    // Refused before EKS Auth saw their tokens, the 403s still count under the pod's namespace:
+    // the pod view's, for the pod the kernel saw.
+    let refused = records.iter().filter(|r| r["http_status"] == 403).count() as f64;
+    let text = agent.metrics().unwrap();
+    let counted: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("pod_identity_requests_total{")
+                && l.contains(r#"code="403""#)
+                && l.contains(r#"namespace="shop""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, refused, "{text}");
 }
 
 #[test]
