@@ -28,6 +28,16 @@ pub const TARGETS: [&str; 6] = [
 /// Seconds per target when `cargo xtask test` runs them.
 pub const CI_SECONDS: u64 = 10;
 
+/// How the targets are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// cargo-fuzz's default: optimised, with debug assertions (`cargo xtask fuzz`: long runs).
+    Optimized,
+    /// Unoptimised (`--dev`), debug assertions too: half the build time for `cargo xtask
+    /// test`'s brief runs, where the build is most of the time and the inputs' speed matters little.
+    Dev,
+}
+
 /// No AddressSanitizer: the agent's code the targets reach is safe Rust, where the compiler's own
 /// checks (bounds, and overflow: cargo-fuzz builds with debug assertions) catch what it would;
 /// without it the endpoint targets run several times faster and the build is lighter.
@@ -45,8 +55,8 @@ struct Outcome {
     corpus: Option<u64>,
 }
 
-/// Runs `only` (or every target) for `seconds` each.
-pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
+/// Runs `only` (or every target) for `seconds` each, built as `build` says.
+pub fn run(seconds: u64, only: Option<&str>, build: Build) -> Result<()> {
     let targets: Vec<&'static str> = match only {
         None => TARGETS.to_vec(),
         Some(name) => match TARGETS.iter().find(|t| **t == name) {
@@ -61,14 +71,14 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     // One build for all of them, timed: the first is a full nightly build of the agent with
     // coverage instrumentation (and its eBPF programs).
     let started = Instant::now();
-    util::run(&mut cargo_fuzz(&["build"]))?;
+    util::run(&mut cargo_fuzz(&["build"], build))?;
     println!(
         "==> fuzz targets built in {} s",
         started.elapsed().as_secs()
     );
     let mut outcomes = Vec::new();
     for target in targets {
-        outcomes.push(run_target(target, seconds)?);
+        outcomes.push(run_target(target, seconds, build)?);
     }
     println!("xtask fuzz: no crash");
     for o in &outcomes {
@@ -83,12 +93,12 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &'static str, seconds: u64, build: Build) -> Result<Outcome> {
     let root = util::workspace_root();
     let seeds = root.join("fuzz").join("corpus").join(target);
     let work = root.join("fuzz").join("work").join(target);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let mut cmd = cargo_fuzz(&["run", target]);
+    let mut cmd = cargo_fuzz(&["run", target], build);
     // The first directory is where libFuzzer writes what it finds.
     cmd.arg(&work)
         .arg(&seeds)
@@ -117,7 +127,8 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
     if !status.success() {
         bail!(
             "fuzz target {target} failed ({status}): the input is in fuzz/artifacts/{target}/; \
-             replay it with `cargo +nightly fuzz run -s {SANITIZER} {target} fuzz/artifacts/{target}/<file>`"
+             replay it with `cargo +nightly fuzz run -s {SANITIZER}{} {target} fuzz/artifacts/{target}/<file>`",
+            if build == Build::Dev { " --dev" } else { "" }
         );
     }
     let (runs, seconds) = done.unwrap_or_default();
@@ -130,12 +141,14 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
 }
 
 /// `cargo +nightly fuzz <command> --sanitizer none <args>` in the workspace root.
-fn cargo_fuzz(command_and_args: &[&str]) -> Command {
+fn cargo_fuzz(command_and_args: &[&str], build: Build) -> Command {
     let (command, args) = command_and_args.split_first().unwrap_or((&"build", &[]));
     let mut cmd = Command::new("cargo");
-    cmd.args(["+nightly", "fuzz", command, "--sanitizer", SANITIZER])
-        .args(args)
-        .current_dir(util::workspace_root());
+    cmd.args(["+nightly", "fuzz", command, "--sanitizer", SANITIZER]);
+    if build == Build::Dev {
+        cmd.arg("--dev");
+    }
+    cmd.args(args).current_dir(util::workspace_root());
     cmd
 }
 

@@ -86,7 +86,9 @@ fn main() {
         Command::Image => image::run(),
         Command::DeployCheck { bless } => deploy::check(bless),
         Command::Modules { bless } => modules::run(bless),
-        Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Command::Fuzz { seconds, target } => {
+            fuzz::run(seconds, target.as_deref(), fuzz::Build::Optimized)
+        }
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -100,8 +102,9 @@ fn test(args: &[String]) -> Result<()> {
     modules::run(false)?;
     deploy::check(false)?;
     // The image tests run the agent from the image's root filesystems: build both platforms from
-    // this tree, once per run (the tests only read them).
-    image::build()?;
+    // this tree, once per run (the tests only read them), without the release profile's
+    // whole-program optimisation (half of CI's time otherwise).
+    image::build(image::Profile::Ci)?;
     let agent = util::build_agent(&[])?;
     // This command runs everything for real: a privileged test that cannot run fails, as in CI.
     let env = [
@@ -116,7 +119,7 @@ fn test(args: &[String]) -> Result<()> {
         test_args.extend(args.iter().map(String::as_str));
     }
     let counts = util::cargo_test(&test_args, &env)?;
-    fuzz::run(fuzz::CI_SECONDS, None)?;
+    fuzz::run(fuzz::CI_SECONDS, None, fuzz::Build::Dev)?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &env)?;
     util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
     println!("xtask test: tests, clippy and rustfmt all passed");

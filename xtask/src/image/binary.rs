@@ -1,4 +1,4 @@
-//! The image's executable: one static (musl) release build of the agent per platform, checked to be
+//! The image's executable: one static (musl) build of the agent per platform, checked to be
 //! a static ELF executable for that CPU that runs and reports the commit.
 
 use std::ffi::OsStr;
@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::platform::Platform;
-use super::{AGENT, VERSION};
+use super::{AGENT, Profile, VERSION};
 use crate::util::{self, output};
 
-/// Builds the agent for `platform` (release, static) and returns the executable's path.
+/// Builds the agent for `platform` (static, with `profile`) and returns the executable's path.
 ///
 /// Rust's musl targets link statically by default (`+crt-static`, with their own copy of musl's
 /// libc and crt objects). The C code in the tree (aws-lc-sys for rustls' crypto, libmimalloc-sys)
@@ -22,11 +22,12 @@ use crate::util::{self, output};
 ///
 /// The eBPF object is target-independent: the build script builds it on the pinned nightly for the
 /// BPF target, the same bytecode in every platform's binary.
-pub fn build(platform: Platform, commit: &str) -> Result<PathBuf> {
+pub fn build(platform: Platform, commit: &str, profile: Profile) -> Result<PathBuf> {
     let started = std::time::Instant::now();
     let commit_env = ("EKS_POD_IDENTITY_AGENT_COMMIT", OsStr::new(commit));
     let args = [
-        "--release",
+        "--profile",
+        profile.name(),
         "--target",
         platform.target,
         "-p",
@@ -53,7 +54,7 @@ pub fn build(platform: Platform, commit: &str) -> Result<PathBuf> {
     }
     let bin = util::target_dir()
         .join(platform.target)
-        .join("release")
+        .join(profile.name())
         .join(AGENT);
     if !bin.is_file() {
         bail!("the build succeeded but {} is missing", bin.display());

@@ -1,7 +1,7 @@
 //! `cargo xtask image`: the container image for linux/amd64 and linux/arm64, built offline.
 //!
 //! For each platform ([`platform::PLATFORMS`]) the agent is built as one static binary (musl,
-//! release; cross-compiled with `cargo zigbuild` for the CPU this machine is not) and put in an
+//! [`Profile::Release`], or [`Profile::Ci`] in `cargo xtask test`; cross-compiled with `cargo zigbuild` for the CPU this machine is not) and put in an
 //! image `FROM scratch` with buildah, tagged `<version>-<arch>`: no base image is pulled, so no
 //! registry is needed. Each image holds exactly:
 //!
@@ -51,15 +51,35 @@ const LEGACY_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The binary's name, in `target/` and at the image's root.
 const AGENT: &str = "eks-pod-identity-agent";
 
+/// The cargo profile the image's executables are built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// `release`: what ships (`cargo xtask image`, the benches).
+    Release,
+    /// `ci-image` (Cargo.toml): the same code without the whole-program optimisation, for
+    /// `cargo xtask test`, whose image tests check what the image holds and that it runs.
+    Ci,
+}
+
+impl Profile {
+    /// Its name for cargo's `--profile`, and its directory under `target/<triple>/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Release => "release",
+            Profile::Ci => "ci-image",
+        }
+    }
+}
+
 pub fn run() -> Result<()> {
     util::require_root("buildah keeps images in root's container storage and mounts them")?;
     setup::run()?;
-    build()
+    build(Profile::Release)
 }
 
-/// Builds every platform's image, once each, and the manifest lists (root and setup already
-/// checked by the caller).
-pub fn build() -> Result<()> {
+/// Builds every platform's image with `profile`, once each, and the manifest lists (root and
+/// setup already checked by the caller).
+pub fn build(profile: Profile) -> Result<()> {
     let started = Instant::now();
     let commit = commit();
     let timestamp = timestamp();
@@ -68,7 +88,7 @@ pub fn build() -> Result<()> {
     let mut summary = Vec::new();
     for platform in PLATFORMS {
         let platform_started = Instant::now();
-        let binary = binary::build(platform, &commit)?;
+        let binary = binary::build(platform, &commit, profile)?;
         binary::check(platform, &binary, &commit)?;
         let id = rootfs::assemble(platform, &binary, &commit, timestamp)?;
         let size = rootfs::image_size(&id)?;
@@ -97,9 +117,10 @@ pub fn build() -> Result<()> {
         manifest::publish(list, &PLATFORMS)?;
     }
     println!(
-        "xtask image: {} (manifest lists of {}), commit {commit}, in {:.0?}",
+        "xtask image: {} (manifest lists of {}), commit {commit}, profile {}, in {:.0?}",
         lists.join(" and "),
         PLATFORMS.map(|p| format!("linux/{}", p.arch)).join(", "),
+        profile.name(),
         started.elapsed()
     );
     for line in summary {
@@ -150,5 +171,5 @@ pub fn static_agent() -> Result<PathBuf> {
             std::env::consts::ARCH
         );
     };
-    binary::build(host, &commit())
+    binary::build(host, &commit(), Profile::Release)
 }
