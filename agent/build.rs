@@ -40,16 +40,14 @@ fn pinned_channel(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
     println!("cargo:rerun-if-changed={}", file.display());
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .find_map(|line| {
-            let value = line
-                .trim()
-                .strip_prefix("channel")?
-                .trim_start()
-                .strip_prefix('=')?;
-            Some(value.trim().trim_matches('"').to_owned())
-        })
-        .ok_or_else(|| anyhow!("no `channel = \"…\"` in {}", file.display()))
+    let toolchain: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    toolchain
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no `[toolchain] channel = \"…\"` in {}", file.display()))
 }
 
 /// `EKS_POD_IDENTITY_AGENT_COMMIT` for `version` and the build-info metric: taken from the

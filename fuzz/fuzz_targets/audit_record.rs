@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     // The same record as an OCSF event: one line of JSON, the class and version it declares, the
     // access key id where OCSF keeps it.
     let mut line = Vec::new();
-    ocsf::to_line(&record, Some("node-a"), &mut line).expect("an event serialises");
+    ocsf::to_line(&record, &mut line).expect("an event serialises");
     let text = std::str::from_utf8(&line).expect("the event is UTF-8");
     let (json, rest) = text.split_at(text.len() - 1);
     assert_eq!(rest, "\n", "{text:?}");
@@ -48,6 +48,16 @@ fuzz_target!(|data: &[u8]| {
     let event: Value = serde_json::from_str(json).expect("the event parses");
     assert_eq!(event["class_uid"], 3002, "{json}");
     assert_eq!(event["metadata"]["version"], ocsf::VERSION, "{json}");
+    assert_eq!(
+        event["device"]["hostname"].as_str(),
+        record.node.as_deref(),
+        "{json}"
+    );
+    assert_eq!(
+        event["metadata"]["tags"][0]["value"].as_str(),
+        record.cluster.as_deref(),
+        "{json}"
+    );
     assert_eq!(
         event["session"]["credential_uid"].as_str(),
         record.credentials.as_ref().map(|c| c.access_key_id.as_str()),
@@ -69,6 +79,12 @@ fn expected(r: &AuditRecord) -> Value {
         m.insert("cache".into(), json!(cache));
     }
     m.insert("latency_us".into(), json!(r.latency_us));
+    if let Some(cluster) = &r.cluster {
+        m.insert("cluster".into(), json!(cluster));
+    }
+    if let Some(node) = &r.node {
+        m.insert("node".into(), json!(node));
+    }
     let c = &r.caller;
     let mut caller = json!({
         "peer": c.peer, "cgroup_id": c.cgroup_id, "cgroup_path": c.cgroup_path,
@@ -144,6 +160,8 @@ fn record(u: &mut Unstructured) -> Result<AuditRecord> {
         reason: u.arbitrary()?,
         cache: *u.choose(&[None, Some("hit"), Some("miss"), Some("coalesced")])?,
         latency_us: u.arbitrary()?,
+        cluster: u.arbitrary()?,
+        node: u.arbitrary()?,
         caller: CallerRecord {
             peer: u.arbitrary()?,
             cgroup_id: u.arbitrary()?,

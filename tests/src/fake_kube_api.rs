@@ -812,3 +812,30 @@ pub fn agent_args(node: &crate::node::SimNode, api: &FakeKubeApi) -> crate::agen
         ..crate::agent::AgentArgs::default()
     }
 }
+
+/// [`agent_args`] with the pod view at its default (`auto`: on, with the kubeconfig).
+pub fn agent_args_with_view(
+    node: &crate::node::SimNode,
+    api: &FakeKubeApi,
+) -> crate::agent::AgentArgs {
+    let mut args = agent_args(node, api);
+    if let Some(at) = args.extra.iter().position(|a| a == "--pod-view") {
+        args.extra.drain(at..at + 2);
+    }
+    args
+}
+
+/// Waits up to 45 s for the agent's `pod_identity_pod_view_synced` to be `value` (1: listed and
+/// watching; 0: the watch is down); panics with the agent's log otherwise.
+pub fn wait_view_synced(agent: &crate::agent::AgentProcess, value: f64) {
+    let synced = crate::wait_for(Duration::from_secs(45), || {
+        agent
+            .metric("pod_identity_pod_view_synced")
+            .is_ok_and(|v| v == value)
+    });
+    assert!(
+        synced,
+        "pod view synced != {value}: {}",
+        agent.logs().unwrap_or_default()
+    );
+}

@@ -92,21 +92,16 @@ fn validate(path: &Path) -> String {
 }
 
 fn ocsf_args(node: &SimNode, api: &FakeKubeApi) -> AgentArgs {
-    let mut args = fake_kube_api::agent_args(node, api);
-    // agent_args turns the view off: back to the default (auto, on with KUBECONFIG).
-    if let Some(at) = args.extra.iter().position(|a| a == "--pod-view") {
-        args.extra.drain(at..=at + 1);
-    }
-    args.args(["--audit-format", "ocsf", "--token-binding", "enforce"])
+    fake_kube_api::agent_args_with_view(node, api).args([
+        "--audit-format",
+        "ocsf",
+        "--token-binding",
+        "enforce",
+    ])
 }
 
 fn wait_synced(agent: &AgentProcess) {
-    let synced = e2e::wait_for(Duration::from_secs(45), || {
-        agent
-            .metric("pod_identity_pod_view_synced")
-            .is_ok_and(|v| v == 1.0)
-    });
-    assert!(synced, "{}", agent.logs().unwrap_or_default());
+    fake_kube_api::wait_view_synced(agent, 1.0);
 }
 
 #[test]

@@ -25,11 +25,9 @@ const LATE_ID: &str = "1a7e00000000000000000000000000000000000000000000000000000
 
 /// The agent with the pod view (its default, `auto`), an audit log and `--token-binding mode`.
 fn scope_args(node: &SimNode, api: &FakeKubeApi, audit: &Path, mode: &str) -> AgentArgs {
-    let mut args = fake_kube_api::agent_args(node, api).audit_log(audit);
-    if let Some(at) = args.extra.iter().position(|a| a == "--pod-view") {
-        args.extra.drain(at..at + 2);
-    }
-    args.args(["--token-binding", mode])
+    fake_kube_api::agent_args_with_view(node, api)
+        .audit_log(audit)
+        .args(["--token-binding", mode])
 }
 
 /// `pod` as the API server serves it: containers `app` (the cgroup its processes start in) and
@@ -70,16 +68,7 @@ fn ask(pod: &Pod, audit: &Path) -> (u16, String, Option<String>, Value) {
 }
 
 fn synced(agent: &AgentProcess, value: f64) {
-    let ok = e2e::wait_for(Duration::from_secs(45), || {
-        agent
-            .metric("pod_identity_pod_view_synced")
-            .is_ok_and(|v| v == value)
-    });
-    assert!(
-        ok,
-        "pod view synced != {value}: {}",
-        agent.logs().unwrap_or_default()
-    );
+    fake_kube_api::wait_view_synced(agent, value);
 }
 
 #[test]

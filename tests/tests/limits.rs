@@ -11,6 +11,7 @@ use e2e::agent::{AgentArgs, AgentProcess, node_with_web_pods, start_fake_eks_aut
 use e2e::cgroup::CgroupDriver;
 use e2e::clients::{Family, FloodReport};
 use e2e::fake_eks_auth::decode_unverified;
+use e2e::fake_kube_api;
 use e2e::node::{CREDENTIALS_URI_V4, CREDENTIALS_URI_V6, PodSpec, SimNode};
 
 const EPERM: i32 = 1;
@@ -279,5 +280,47 @@ fn renewals_stop_once_a_pod_is_deleted() {
     assert!(
         agent.logs().unwrap().contains("owner gone"),
         "the agent says why it stopped renewing"
+    );
+}
+
+#[test]
+fn with_the_pod_view_kernel_refusals_name_the_pods_namespace_before_any_request() {
+    if !e2e::privileged(
+        "with_the_pod_view_kernel_refusals_name_the_pods_namespace_before_any_request",
+    ) {
+        return;
+    }
+    let node = SimNode::new().unwrap();
+    let fake = start_fake_eks_auth_in(node.netns(), "e2e-connect-limit-view").unwrap();
+    let flooder = node
+        .add_pod(PodSpec::new("flooder-0", "noisy", "flood-sa"))
+        .unwrap();
+    let api = fake_kube_api::start_in(node.netns()).unwrap();
+    api.add_pod(fake_kube_api::served_with_sidecar(&node, &flooder));
+    let args = fake_kube_api::agent_args_with_view(&node, &api).args([
+        "--pod-connect-rate",
+        "1",
+        "--pod-connect-burst",
+        "1",
+    ]);
+    let agent = AgentProcess::start(&node, &fake, args).unwrap();
+    fake_kube_api::wait_view_synced(&agent, 1.0);
+
+    // No request has shown the agent this pod's namespace; the API server has.
+    let flood = flooder
+        .connect_flood(&[Family::V4], 10, Duration::ZERO, Duration::ZERO)
+        .unwrap();
+    assert_refusals_are_eperm_at_once(&flood);
+    let refused = flood.failed_with(EPERM) as f64;
+    assert!(refused >= 8.0, "{:?}", flood.attempts);
+    let denied = "pod_identity_connections_denied_total{namespace=\"noisy\"}";
+    e2e::wait_for(Duration::from_secs(15), || {
+        agent.metric(denied).unwrap() >= refused
+    });
+    let text = agent.metrics().unwrap();
+    assert_eq!(agent.metric(denied).unwrap(), refused, "{text}");
+    assert!(
+        !text.contains("pod_identity_connections_denied_total{namespace=\"unknown\"}"),
+        "{text}"
     );
 }

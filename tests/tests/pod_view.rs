@@ -18,13 +18,7 @@ use serde_json::{Value, json};
 
 /// The agent's arguments with the pod view at its default (`auto`) and an audit log.
 fn view_args(node: &SimNode, api: &FakeKubeApi, audit: &std::path::Path) -> AgentArgs {
-    let mut args = fake_kube_api::agent_args(node, api).audit_log(audit);
-    // agent_args turns the view off for the tests that count API calls: back to the default.
-    if let Some(at) = args.extra.iter().position(|a| a == "--pod-view") {
-        args.extra.remove(at);
-        args.extra.remove(at);
-    }
-    args
+    fake_kube_api::agent_args_with_view(node, api).audit_log(audit)
 }
 
 /// The simulated pod as the API server serves it: its app container has the id of the cgroup

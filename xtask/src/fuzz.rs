@@ -55,6 +55,15 @@ struct Outcome {
     corpus: Option<u64>,
 }
 
+/// The arguments of the command that builds every target (`cargo` + these).
+pub fn build_args(build: Build) -> Vec<&'static str> {
+    let mut args = vec!["+nightly", "fuzz", "build", "--sanitizer", SANITIZER];
+    if build == Build::Dev {
+        args.push("--dev");
+    }
+    args
+}
+
 /// Runs `only` (or every target) for `seconds` each, built as `build` says.
 pub fn run(seconds: u64, only: Option<&str>, build: Build) -> Result<()> {
     let targets: Vec<&'static str> = match only {
@@ -71,13 +80,22 @@ pub fn run(seconds: u64, only: Option<&str>, build: Build) -> Result<()> {
     // One build for all of them, timed: the first is a full nightly build of the agent with
     // coverage instrumentation (and its eBPF programs).
     let started = Instant::now();
-    util::run(&mut cargo_fuzz(&["build"], build))?;
+    util::run(
+        Command::new("cargo")
+            .args(build_args(build))
+            .current_dir(util::workspace_root()),
+    )?;
     println!(
         "==> fuzz targets built in {} s",
         started.elapsed().as_secs()
     );
+    run_built(&targets, seconds, build)
+}
+
+/// Runs `targets`, built already as `build` says, for `seconds` each.
+pub fn run_built(targets: &[&'static str], seconds: u64, build: Build) -> Result<()> {
     let mut outcomes = Vec::new();
-    for target in targets {
+    for &target in targets {
         outcomes.push(run_target(target, seconds, build)?);
     }
     println!("xtask fuzz: no crash");
@@ -153,7 +171,7 @@ fn cargo_fuzz(command_and_args: &[&str], build: Build) -> Command {
 }
 
 /// cargo-fuzz, installed when missing; a nightly toolchain is `cargo xtask setup`'s job.
-fn ensure_cargo_fuzz() -> Result<()> {
+pub fn ensure_cargo_fuzz() -> Result<()> {
     if util::output("rustc", &["+nightly", "--version"]).is_none() {
         bail!("no nightly toolchain: run `cargo xtask setup` first");
     }

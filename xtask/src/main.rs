@@ -3,6 +3,7 @@
 mod bench;
 mod deploy;
 mod fuzz;
+mod idle;
 mod image;
 mod modules;
 mod setup;
@@ -101,6 +102,31 @@ fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     modules::run(false)?;
     deploy::check(false)?;
+    // The fuzz targets' build and clippy need nothing the rest builds, and each compiles the
+    // whole dependency graph its own way (nightly with coverage; check-only): at idle priority
+    // from the start, they use what the image builds and the tests leave of the CPUs. Clippy has
+    // a target directory of its own, so that it never waits for the tests' build lock.
+    fuzz::ensure_cargo_fuzz()?;
+    let fuzz_build = idle::IdleJob::start(
+        "fuzz targets' build",
+        "cargo",
+        &fuzz::build_args(fuzz::Build::Dev),
+    )?;
+    let clippy_dir = util::target_dir().join("clippy");
+    let clippy_dir = clippy_dir.to_string_lossy();
+    let clippy = idle::IdleJob::start(
+        "clippy",
+        "cargo",
+        &[
+            "clippy",
+            "--all-targets",
+            "--target-dir",
+            &clippy_dir,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     // The image tests run the agent from the image's root filesystems: build both platforms from
     // this tree, once per run (the tests only read them), without the release profile's
     // whole-program optimisation (half of CI's time otherwise).
@@ -119,11 +145,12 @@ fn test(args: &[String]) -> Result<()> {
         test_args.extend(args.iter().map(String::as_str));
     }
     let counts = util::cargo_test(&test_args, &env)?;
-    fuzz::run(fuzz::CI_SECONDS, None, fuzz::Build::Dev)?;
-    util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &env)?;
+    fuzz_build.wait()?;
+    fuzz::run_built(&fuzz::TARGETS, fuzz::CI_SECONDS, fuzz::Build::Dev)?;
+    clippy.wait()?;
     util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
     println!("xtask test: tests, clippy and rustfmt all passed");
-    // The totals over every test binary, last: cargo's own last line is a doc-test run's.
+    // The totals over every test binary, last: cargo's own last line is one binary's.
     println!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(())
 }

@@ -173,16 +173,14 @@ pub fn ebpf_toolchain() -> Result<String> {
     let file = util::workspace_root().join(EBPF_TOOLCHAIN_FILE);
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .find_map(|line| {
-            let value = line
-                .trim()
-                .strip_prefix("channel")?
-                .trim_start()
-                .strip_prefix('=')?;
-            Some(value.trim().trim_matches('"').to_owned())
-        })
+    let toolchain: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    toolchain
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
         .filter(|c| c.starts_with("nightly-"))
+        .map(str::to_owned)
         .ok_or_else(|| {
             anyhow!(
                 "no dated `channel = \"nightly-YYYY-MM-DD\"` in {}",

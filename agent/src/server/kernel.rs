@@ -131,8 +131,9 @@ fn kernel_open_cap(pod_max_connections: u32) -> u32 {
 
 /// Off the request path, every [`BACKGROUND_EVERY`] until shutdown: adds the kernel's
 /// per-cgroup refusal counts to `pod_identity_connections_denied_total` (labelled with the pod's
-/// namespace as the pod view has it, else as a request from it has shown it, else `unknown`), keeps the kernel's pod parents
-/// and per-pod state current, and forgets idle pods' request allowances. Map reads and cgroup
+/// namespace as the pod view has it, else as a request from it has shown it, else `unknown`),
+/// keeps the kernel's pod parents and per-pod state current, and forgets idle pods' request
+/// allowances. Map reads and cgroup
 /// resolution are blocking: on the blocking pool.
 pub(super) async fn background(
     programs: Option<Arc<Programs>>,

@@ -301,22 +301,27 @@ async fn a_hung_api_never_blocks_the_request_path() {
     h.task.await.unwrap();
 }
 
-#[test]
-fn series_are_bounded() {
-    let metrics = Metrics::new().unwrap();
-    let (_recorder, inbox) = channel(1, &metrics);
+/// A correlator with the kubelet's limits but at most 3 series.
+fn three_series(metrics: &Metrics) -> Correlator {
+    let (_recorder, inbox) = channel(1, metrics);
     let limits = Limits {
         max_series: 3,
         ..Limits::kubelet()
     };
-    let mut c = Correlator::new(
+    Correlator::new(
         limits,
         crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         Reporter {
             host: String::new(),
         },
         inbox.outcomes.clone(),
-    );
+    )
+}
+
+#[test]
+fn series_are_bounded() {
+    let metrics = Metrics::new().unwrap();
+    let mut c = three_series(&metrics);
     let now = tokio::time::Instant::now();
     for i in 0..10 {
         let uid = format!("00000000-0000-4000-8000-{i:012}");
@@ -334,19 +339,7 @@ fn series_are_bounded() {
 #[tokio::test(start_paused = true)]
 async fn allowances_are_bounded_with_the_series() {
     let metrics = Metrics::new().unwrap();
-    let (_recorder, inbox) = channel(1, &metrics);
-    let limits = Limits {
-        max_series: 3,
-        ..Limits::kubelet()
-    };
-    let mut c = Correlator::new(
-        limits,
-        crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
-        Reporter {
-            host: String::new(),
-        },
-        inbox.outcomes.clone(),
-    );
+    let mut c = three_series(&metrics);
     for i in 0..10 {
         let uid = format!("00000000-0000-4000-8000-{i:012}");
         let now = tokio::time::Instant::now();
