@@ -2,6 +2,10 @@
 //! the object in `OUT_DIR`, where `src/ebpf.rs` embeds it.
 use anyhow::{Context as _, anyhow};
 
+/// The toolchain file's reader, shared with `xtask`.
+#[path = "../agent-ebpf/toolchain_channel.rs"]
+mod toolchain_channel;
+
 fn main() -> anyhow::Result<()> {
     git_commit();
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
@@ -40,14 +44,7 @@ fn pinned_channel(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
     println!("cargo:rerun-if-changed={}", file.display());
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let toolchain: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    toolchain
-        .get("toolchain")
-        .and_then(|t| t.get("channel"))
-        .and_then(toml::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no `[toolchain] channel = \"…\"` in {}", file.display()))
+    toolchain_channel::channel(&text).map_err(|e| anyhow!("{}: {e}", file.display()))
 }
 
 /// `EKS_POD_IDENTITY_AGENT_COMMIT` for `version` and the build-info metric: taken from the

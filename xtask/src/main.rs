@@ -108,7 +108,7 @@ fn test(args: &[String]) -> Result<()> {
     // a target directory of its own, so that it never waits for the tests' build lock.
     fuzz::ensure_cargo_fuzz()?;
     let fuzz_build = idle::IdleJob::start(
-        "fuzz targets' build",
+        "fuzz build",
         "cargo",
         &fuzz::build_args(fuzz::Build::Dev),
     )?;

@@ -173,21 +173,20 @@ pub fn ebpf_toolchain() -> Result<String> {
     let file = util::workspace_root().join(EBPF_TOOLCHAIN_FILE);
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let toolchain: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    toolchain
-        .get("toolchain")
-        .and_then(|t| t.get("channel"))
-        .and_then(toml::Value::as_str)
-        .filter(|c| c.starts_with("nightly-"))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            anyhow!(
-                "no dated `channel = \"nightly-YYYY-MM-DD\"` in {}",
-                file.display()
-            )
-        })
+    let channel =
+        toolchain_channel::channel(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    if !channel.starts_with("nightly-") {
+        bail!(
+            "{}: `channel = \"{channel}\"` is not a dated `nightly-YYYY-MM-DD`",
+            file.display()
+        );
+    }
+    Ok(channel)
 }
+
+/// The channel's reader, shared with `agent/build.rs`.
+#[path = "../../agent-ebpf/toolchain_channel.rs"]
+mod toolchain_channel;
 
 /// Installs the eBPF crate's pinned nightly with rust-src (`-Z build-std=core`), idempotently.
 fn ebpf_nightly() -> Result<&'static str> {
