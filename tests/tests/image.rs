@@ -160,11 +160,18 @@ fn the_image_holds_the_static_binary_go_runner_the_ca_bundle_and_roots_home_only
             & 0o777,
         0o700
     );
-    let size: u64 = agent.len() + bundle.len() as u64;
-    assert!(size < 40_000_000, "the image's content is {size} bytes");
-
     // Static: it runs in a root filesystem with no loader and no libc, as itself and as go-runner.
     let config = rootfs.config().unwrap();
+    // The shipped build (`cargo xtask image`) stays small; the tests' unoptimised one (`cargo xtask
+    // test`) only may not run away.
+    let bound = match config["Labels"]["io.eks-pod-identity-agent.build-profile"].as_str() {
+        Some("release") => 40_000_000,
+        Some("ci-image") => 200_000_000,
+        other => panic!("the image names no build profile it was built with: {other:?}"),
+    };
+    let size: u64 = agent.len() + bundle.len() as u64;
+    assert!(size < bound, "the image's content is {size} bytes");
+
     let revision = config["Labels"]["org.opencontainers.image.revision"]
         .as_str()
         .unwrap_or_default()

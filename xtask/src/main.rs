@@ -107,11 +107,8 @@ fn test(args: &[String]) -> Result<()> {
     // from the start, they use what the image builds and the tests leave of the CPUs. Clippy has
     // a target directory of its own, so that it never waits for the tests' build lock.
     fuzz::ensure_cargo_fuzz()?;
-    let fuzz_build = idle::IdleJob::start(
-        "fuzz build",
-        "cargo",
-        &fuzz::build_args(fuzz::Build::Dev),
-    )?;
+    let fuzz_build =
+        idle::IdleJob::start("fuzz build", "cargo", &fuzz::build_args(fuzz::Build::Dev))?;
     let clippy_dir = util::target_dir().join("clippy");
     let clippy_dir = clippy_dir.to_string_lossy();
     let clippy = idle::IdleJob::start(

@@ -46,6 +46,8 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const CA_BUNDLE: &str = "/etc/pki/tls/certs/ca-bundle.crt";
 /// Debian's path of the bundle, a symbolic link to [`CA_BUNDLE`] in the image.
 const LEGACY_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The image label naming the cargo profile its executable was built with ([`Profile::name`]).
+pub const PROFILE_LABEL: &str = "io.eks-pod-identity-agent.build-profile";
 /// The binary's name, in `target/` and at the image's root.
 const AGENT: &str = "eks-pod-identity-agent";
 
@@ -97,7 +99,7 @@ pub fn build(profile: Profile) -> Result<()> {
         let platform_started = Instant::now();
         let binary = binary::build(platform, &commit, profile)?;
         binary::check(platform, &binary, &commit)?;
-        let id = rootfs::assemble(platform, &binary, &commit, timestamp)?;
+        let id = rootfs::assemble(platform, &binary, &commit, timestamp, profile)?;
         let size = rootfs::image_size(&id)?;
         let sbom = out_dir.join(format!("{AGENT}-{VERSION}-{}.cdx.json", platform.arch));
         sbom::write(platform, &sbom)?;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::platform::Platform;
-use super::{AGENT, CA_BUNDLE, IMAGE, LEGACY_CA_BUNDLE, VERSION};
+use super::{AGENT, CA_BUNDLE, IMAGE, LEGACY_CA_BUNDLE, PROFILE_LABEL, Profile, VERSION};
 use crate::util::output;
 
 /// Where the build host's CA bundle is (Debian `ca-certificates`).
@@ -87,7 +87,13 @@ impl Drop for WorkingContainer {
 }
 
 /// Assembles `platform`'s image from `binary`, tags it [`tag`]`(platform)`, and returns its id.
-pub fn assemble(platform: Platform, binary: &Path, commit: &str, timestamp: u64) -> Result<String> {
+pub fn assemble(
+    platform: Platform,
+    binary: &Path,
+    commit: &str,
+    timestamp: u64,
+    profile: Profile,
+) -> Result<String> {
     let tag = tag(platform);
     let previous = image_id(&tag);
     let mut container = WorkingContainer::from_scratch(platform)?;
@@ -97,6 +103,8 @@ pub fn assemble(platform: Platform, binary: &Path, commit: &str, timestamp: u64)
 
     let revision = format!("org.opencontainers.image.revision={commit}");
     let version = format!("org.opencontainers.image.version={VERSION}");
+    // What the executable was built with: `release` ships; `ci-image` is the tests' (unoptimised).
+    let built_with = format!("{PROFILE_LABEL}={}", profile.name());
     let mut config = vec![
         "config",
         "--os",
@@ -123,6 +131,8 @@ pub fn assemble(platform: Platform, binary: &Path, commit: &str, timestamp: u64)
         &version,
         "--label",
         &revision,
+        "--label",
+        &built_with,
         "--created-by",
         "cargo xtask image",
         &container.name,
