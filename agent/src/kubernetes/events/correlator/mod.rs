@@ -6,13 +6,14 @@
 //!   message (a strategic merge `PATCH`, as the kubelet sends). Where the kubelet keys by message
 //!   too, this keys by (pod UID, reason) only: the messages of one reason differ in little else.
 //! - **Spam filter.** API calls per pod draw from the pod's allowance in one
-//!   [`KeyedLimiter`](crate::limiter::KeyedLimiter): a burst of 25, then one per 5 minutes. Unlike the kubelet's, an observation held back is not lost: it is counted into the
-//!   series, and the next call carries the count.
+//!   [`KeyedLimiter`](crate::limiter::KeyedLimiter): a burst of 25, then one per 5 minutes.
+//!   Unlike the kubelet's, an observation held back is not lost: it is counted into the series,
+//!   and the next call carries the count.
 //! - **Repeated throttling only.** A single 429 is normal life for an SDK; throttling is reported
 //!   once a pod was throttled 3 times within a minute.
 //! - **Bounded.** At most 4096 series (the least recently seen goes first), as many pod
-//!   allowances, and a short memory of pods that could not be named. A failed call is retried with backoff, up to
-//!   12 attempts (client-go's), then its update is abandoned and counted.
+//!   allowances, and a short memory of pods that could not be named. A failed call is retried
+//!   with backoff, up to 12 attempts (client-go's), then its update is abandoned and counted.
 //!
 //! Plain state and decisions, no I/O: [`super::run`] feeds it and sends what it asks. The parts:
 //! [`limits`] (the constants and the per-pod allowance), [`call`] (the API calls, built from a
